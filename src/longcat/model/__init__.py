@@ -1,0 +1,1 @@
+"""Single-device LongCat-Flash model code: no knowledge of training, data, distribution or serving."""

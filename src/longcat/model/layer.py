@@ -1,0 +1,45 @@
+"""The shortcut-connected MoE (ScMoE) decoder layer (paper §2.2), with exactly the reference dataflow:
+
+    h1 = x  + MLA_0(norm_in0(x))
+    u  = norm_post0(h1)
+    m  = MoE(u)                      # the shortcut: needed only at the end of the layer
+    h2 = h1 + FFN_0(u)
+    h3 = h2 + MLA_1(norm_in1(h2))
+    y  = h3 + FFN_1(norm_post1(h3)) + m
+
+Because m is consumed last, an expert-parallel MoE can run its dispatch/combine while FFN_0, MLA_1
+and FFN_1 compute (distributed/ arranges that; this module stays single-device).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import LongcatConfig
+from .attention import MLA
+from .ffn import SwiGLU
+from .moe import MoE
+from .norm_rope import RMSNorm
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LongcatConfig) -> None:
+        super().__init__()
+        H = config.hidden_size
+        self.self_attn = nn.ModuleList([MLA(config) for _ in range(2)])
+        self.mlps = nn.ModuleList([SwiGLU(H, config.ffn_hidden_size) for _ in range(2)])
+        self.input_layernorm = nn.ModuleList([RMSNorm(H, config.rms_norm_eps) for _ in range(2)])
+        self.post_attention_layernorm = nn.ModuleList([RMSNorm(H, config.rms_norm_eps) for _ in range(2)])
+        self.mlp = MoE(config)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x [B, T, H] -> [B, T, H]."""
+        h = x + self.self_attn[0](self.input_layernorm[0](x), cos, sin, attn_mask)
+        u = self.post_attention_layernorm[0](h)
+        shortcut = self.mlp(u)
+        h = h + self.mlps[0](u)
+        h = h + self.self_attn[1](self.input_layernorm[1](h), cos, sin, attn_mask)
+        return h + self.mlps[1](self.post_attention_layernorm[1](h)) + shortcut

@@ -1,0 +1,147 @@
+"""The MoE block: N stacked SwiGLU experts run by one sorted, grouped dispatch, plus Z zero-computation
+experts folded into one term (paper §2.1).
+
+Legend: T tokens, H hidden, N FFN experts, Z zero experts, K top-k, I expert width,
+A = T * K routing slots, F <= A slots routed to FFN experts.
+
+Dispatch: the A slots are sorted by expert id (zero-expert ids are >= N, so they sort last), the
+tokens of the F FFN slots are gathered, two grouped GEMMs run every expert on its contiguous block,
+and the results are scattered back with `index_add_`. Zero experts are never dispatched: identity
+experts add `x * (sum of their gate weights)`, drop experts add nothing.
+
+Host syncs: on CPU we read F once per layer (free there) and compute exactly F rows. On accelerators
+shapes stay static (all A rows; the grouped GEMM leaves rows past the last offset unwritten, so those
+rows are masked out on the way in and out) and nothing waits for the device.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import LongcatConfig
+from .router import Router, Routing
+
+
+def _grouped_mm_available() -> bool:
+    if not hasattr(F, "grouped_mm") and not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        x = torch.ones(3, 2)
+        w = torch.ones(2, 2, 2)
+        out = _grouped_mm(x, w, torch.tensor([1, 3], dtype=torch.int32))
+        return bool(torch.all(out == 2))
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
+    return fn(x, w, offs=offsets)
+
+
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Row block g of x [rows, k] times w[g] [k, n]; offsets [G] int32 are the blocks' cumulative ends.
+
+    Rows past offsets[-1] are unspecified. Falls back to a loop over groups (one host sync) where
+    the platform has no grouped GEMM (torch < 2.8, or a dtype its kernels do not take)."""
+    if GROUPED_MM and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
+        return _grouped_mm(x, w, offsets)
+    out = x.new_empty(x.shape[0], w.shape[-1])
+    start = 0
+    for g, end in enumerate(offsets.tolist()):
+        if end > start:
+            out[start:end] = x[start:end] @ w[g]
+        start = end
+    return out
+
+
+GROUPED_MM = _grouped_mm_available()
+
+
+class Experts(nn.Module):
+    """N SwiGLU experts, stacked as in transformers 5.x (per-expert keys on disk: see checkpoint.py)."""
+
+    def __init__(self, config: LongcatConfig) -> None:
+        super().__init__()
+        self.num_experts = config.n_routed_experts
+        self.width = config.expert_ffn_hidden_size
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.width, config.hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, self.width))
+
+    def forward(
+        self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, static_shapes: bool | None = None
+    ) -> torch.Tensor:
+        """x [T, H], indices [T, K], weights [T, K] -> sum over FFN slots of gate * expert(x), [T, H]."""
+        T, K = indices.shape
+        N = self.num_experts
+        if T == 0:
+            return torch.zeros_like(x)
+        if static_shapes is None:
+            static_shapes = x.device.type != "cpu"
+        flat = indices.reshape(-1)  # [A]
+        order = torch.argsort(flat, stable=True)  # [A] FFN slots grouped by expert, zero slots last
+        counts = torch.zeros(N + 1, dtype=torch.int32, device=x.device)
+        counts.index_add_(0, flat.clamp(max=N), torch.ones_like(flat, dtype=torch.int32))
+        offsets = counts[:N].cumsum(0, dtype=torch.int32)  # [N]
+        if not static_shapes:
+            order = order[: int(offsets[-1])]  # [F]
+        token = order // K  # [F] source token of each sorted slot
+        gate = weights.reshape(-1)[order].to(x.dtype)  # [F]
+        rows = x[token]  # [F, H]
+        if static_shapes:
+            valid = (torch.arange(order.numel(), device=x.device) < offsets[-1]).unsqueeze(-1)
+            rows = torch.where(valid, rows, 0)
+        h = grouped_matmul(rows, self.gate_up_proj.transpose(1, 2), offsets)  # [F, 2I]
+        g, u = h.chunk(2, dim=-1)
+        # the gate multiplies the I-wide activation, not the H-wide output (same result, less work)
+        a = F.silu(g) * u * gate.unsqueeze(-1)  # [F, I]
+        y = grouped_matmul(a, self.down_proj.transpose(1, 2), offsets)  # [F, H]
+        if static_shapes:
+            y = torch.where(valid, y, 0)
+        return torch.zeros_like(x).index_add_(0, token, y)
+
+
+def experts_reference(experts: Experts, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The slow, obvious loop over experts that the grouped dispatch must match (tests, benchmarks)."""
+    out = torch.zeros_like(x)
+    for e in range(experts.num_experts):
+        token, slot = torch.where(indices == e)
+        if token.numel() == 0:
+            continue
+        gate_w, up_w = experts.gate_up_proj[e].chunk(2, dim=0)
+        h = F.silu(x[token] @ gate_w.T) * (x[token] @ up_w.T)
+        out = out.index_add(0, token, (h @ experts.down_proj[e].T) * weights[token, slot, None].to(x.dtype))
+    return out
+
+
+class MoE(nn.Module):
+    """Router + FFN experts + zero experts. Attribute names follow the checkpoint (`mlp.router`, `mlp.experts`)."""
+
+    def __init__(self, config: LongcatConfig) -> None:
+        super().__init__()
+        self.num_ffn_experts = config.n_routed_experts
+        self.zero_expert_type = config.zero_expert_type
+        self.has_zero_experts = config.zero_expert_num > 0
+        self.router = Router(config)
+        self.experts = Experts(config)
+        self.last_routing: Routing | None = None
+        self.keep_routing = False  # training/ sets this to read probabilities for the balance loss
+
+    def forward(self, x: torch.Tensor, reference: bool = False) -> torch.Tensor:
+        """x [..., H] -> [..., H]."""
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # [T, H]
+        routing = self.router(flat)
+        if self.keep_routing:
+            self.last_routing = routing
+        if reference:
+            out = experts_reference(self.experts, flat, routing.indices, routing.weights)
+        else:
+            out = self.experts(flat, routing.indices, routing.weights)
+        if self.has_zero_experts and self.zero_expert_type == "identity":
+            zero_slots = routing.indices >= self.num_ffn_experts  # [T, K]
+            zero_weight = (routing.weights * zero_slots).sum(dim=-1, keepdim=True)  # [T, 1]
+            out = out + flat * zero_weight.to(flat.dtype)
+        return out.view(shape)

@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.conftest import random_tiny_config
+
+from longcat.model.moe import MoE, experts_reference
+
+
+def _moe(seed: int = 0, **overrides) -> MoE:
+    config = random_tiny_config(seed, **overrides)
+    torch.manual_seed(seed)
+    moe = MoE(config)
+    moe.router.reset_parameters(std=0.5)
+    with torch.no_grad():
+        torch.nn.init.normal_(moe.experts.gate_up_proj, std=0.3)
+        torch.nn.init.normal_(moe.experts.down_proj, std=0.3)
+    return moe
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("static_shapes", [False, True])
+def test_grouped_matches_loop_values_and_grads(seed: int, static_shapes: bool) -> None:
+    moe = _moe(seed, n_routed_experts=7, zero_expert_num=3, moe_topk=3)
+    x = torch.randn(37, moe.router.classifier.in_features)
+    routing = moe.router(x)
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    fast = moe.experts(xs[0], routing.indices, routing.weights, static_shapes=static_shapes)
+    ref = experts_reference(moe.experts, xs[1], routing.indices, routing.weights)
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=2e-5)
+    grad_out = torch.randn_like(fast)
+    params = [moe.experts.gate_up_proj, moe.experts.down_proj]
+    g_fast = torch.autograd.grad(fast, [xs[0], *params], grad_out)
+    g_ref = torch.autograd.grad(ref, [xs[1], *params], grad_out)
+    for a, b in zip(g_fast, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)
+
+
+def test_experts_with_no_ffn_slot_and_empty_input() -> None:
+    moe = _moe(3)
+    n = moe.experts.num_experts
+    x = torch.randn(5, moe.router.classifier.in_features)
+    indices = torch.full((5, 2), n)  # every slot on a zero expert
+    out = moe.experts(x, indices, torch.ones(5, 2))
+    assert torch.equal(out, torch.zeros_like(x))
+    empty = moe.experts(x[:0], indices[:0], torch.ones(0, 2))
+    assert empty.shape == (0, x.shape[1])
+
+
+def test_all_zero_experts_give_scaled_identity() -> None:
+    """Routing everything to zero experts returns exactly scale * sum(weights) * x."""
+    moe = _moe(1, n_routed_experts=4, zero_expert_num=3, moe_topk=3, routed_scaling_factor=2.5)
+    with torch.no_grad():  # a huge selection bias on the zero experts forces them into the top-k
+        moe.router.e_score_correction_bias[4:] = 10.0
+    x = torch.randn(11, moe.router.classifier.in_features)
+    probs = moe.router(x).probs
+    out = moe(x)
+    expected = x * (2.5 * probs[:, 4:].sum(-1, keepdim=True))
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+
+
+def test_drop_zero_experts_add_nothing() -> None:
+    moe = _moe(1, n_routed_experts=4, zero_expert_num=3, moe_topk=3, zero_expert_type="drop")
+    with torch.no_grad():
+        moe.router.e_score_correction_bias[4:] = 10.0
+    x = torch.randn(6, moe.router.classifier.in_features)
+    assert torch.equal(moe(x), torch.zeros_like(x))
+
+
+def test_selection_bias_changes_choice_never_gates() -> None:
+    moe = _moe(2, n_routed_experts=5, zero_expert_num=2, moe_topk=2, routed_scaling_factor=3.0)
+    x = torch.randn(64, moe.router.classifier.in_features)
+    before = moe.router(x)
+    with torch.no_grad():
+        moe.router.e_score_correction_bias.copy_(torch.tensor([0.5, -0.5, 0.3, 0.0, -0.2, 0.1, 0.0]))
+    after = moe.router(x)
+    assert not torch.equal(before.indices.sort(-1).values, after.indices.sort(-1).values)
+    torch.testing.assert_close(after.probs, before.probs)  # the bias never touches probabilities
+    # every gate is exactly scale * the unbiased probability of the chosen expert
+    torch.testing.assert_close(after.weights, 3.0 * after.probs.gather(1, after.indices))
+
+
+def test_norm_topk_prob_renormalises_over_selected() -> None:
+    moe = _moe(4, norm_topk_prob=True, routed_scaling_factor=2.0)
+    routing = moe.router(torch.randn(9, moe.router.classifier.in_features))
+    torch.testing.assert_close(routing.weights.sum(-1), torch.full((9,), 2.0))
+
+
+def test_router_counts_only_in_training_and_stays_fp32() -> None:
+    moe = _moe(0)
+    x = torch.randn(10, moe.router.classifier.in_features)
+    moe.router.expert_counts.zero_()
+    moe.eval()
+    moe(x)
+    assert moe.router.expert_counts.sum() == 0
+    moe.train()
+    moe(x)
+    assert moe.router.expert_counts.sum() == 10 * moe.router.top_k
+    moe.to(torch.bfloat16)
+    assert moe.router.classifier.weight.dtype == torch.float32
+    assert moe.router.e_score_correction_bias.dtype == torch.float32
+    assert moe.experts.down_proj.dtype == torch.bfloat16
+    assert moe(x.bfloat16()).dtype == torch.bfloat16
