@@ -18,10 +18,14 @@ def _moe(seed: int = 0, **overrides) -> MoE:
     return moe
 
 
+ALIGNED = dict(hidden_size=48, expert_ffn_hidden_size=16)  # 16-byte rows: the grouped GEMM kernel runs
+
+
+@pytest.mark.parametrize("sizes", [{}, ALIGNED], ids=["odd-sizes-fallback", "aligned-grouped-gemm"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("static_shapes", [False, True])
-def test_grouped_matches_loop_values_and_grads(seed: int, static_shapes: bool) -> None:
-    moe = _moe(seed, n_routed_experts=7, zero_expert_num=3, moe_topk=3)
+def test_grouped_matches_loop_values_and_grads(seed: int, static_shapes: bool, sizes: dict) -> None:
+    moe = _moe(seed, n_routed_experts=7, zero_expert_num=3, moe_topk=3, **sizes)
     x = torch.randn(37, moe.router.classifier.in_features)
     routing = moe.router(x)
     xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
@@ -34,6 +38,15 @@ def test_grouped_matches_loop_values_and_grads(seed: int, static_shapes: bool) -
     g_ref = torch.autograd.grad(ref, [xs[1], *params], grad_out)
     for a, b in zip(g_fast, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)
+
+
+def test_aligned_sizes_take_the_grouped_gemm() -> None:
+    from longcat.model.moe import GROUPED_MM, _grouped_mm_applies
+
+    if not GROUPED_MM:
+        pytest.skip("this torch has no grouped GEMM")
+    moe = _moe(0, **ALIGNED)
+    assert _grouped_mm_applies(torch.randn(3, 48), moe.experts.gate_up_proj.transpose(1, 2))
 
 
 def test_experts_with_no_ffn_slot_and_empty_input() -> None:

@@ -28,10 +28,10 @@ def _grouped_mm_available() -> bool:
     if not hasattr(F, "grouped_mm") and not hasattr(torch, "_grouped_mm"):
         return False
     try:
-        x = torch.ones(3, 2)
-        w = torch.ones(2, 2, 2)
+        x = torch.ones(3, 4)
+        w = torch.ones(2, 4, 4)
         out = _grouped_mm(x, w, torch.tensor([1, 3], dtype=torch.int32))
-        return bool(torch.all(out == 2))
+        return bool(torch.all(out == 4))
     except (RuntimeError, NotImplementedError, TypeError):
         return False
 
@@ -41,23 +41,68 @@ def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torc
     return fn(x, w, offs=offsets)
 
 
+def _grouped_mm_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """The grouped GEMM kernels want 16-byte aligned rows, and on CUDA bf16 operands."""
+    if not GROUPED_MM or (x.device.type != "cpu" and x.dtype != torch.bfloat16):
+        return False
+    size = x.element_size()
+    return all(dim * size % 16 == 0 for dim in (x.shape[-1], w.shape[-1], w.shape[-2]))
+
+
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Row block g of x [rows, k] times w[g] [k, n]; offsets [G] int32 are the blocks' cumulative ends.
 
-    Rows past offsets[-1] are unspecified. Falls back to a loop over groups (one host sync) where
-    the platform has no grouped GEMM (torch < 2.8, or a dtype its kernels do not take)."""
-    if GROUPED_MM and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
+    Rows past offsets[-1] are unspecified. Where the platform has no grouped GEMM for these operands
+    (torch < 2.8, unaligned sizes, fp32 on CUDA) it loops over groups after one host sync."""
+    if _grouped_mm_applies(x, w):
         return _grouped_mm(x, w, offsets)
-    out = x.new_empty(x.shape[0], w.shape[-1])
-    start = 0
-    for g, end in enumerate(offsets.tolist()):
-        if end > start:
-            out[start:end] = x[start:end] @ w[g]
-        start = end
-    return out
+    ends = offsets.tolist()
+    sizes = [end - start for start, end in zip([0, *ends[:-1]], ends)]
+    blocks = [block @ w[g] for g, block in enumerate(x[: ends[-1]].split(sizes)) if sizes[g]]
+    blocks.append(x.new_zeros(x.shape[0] - ends[-1], w.shape[-1]))
+    return torch.cat(blocks)
 
 
 GROUPED_MM = _grouped_mm_available()
+
+
+class _GatherRows(torch.autograd.Function):
+    """rows = x[index]; its adjoint is a scatter-add. Written out because autograd's own pairs are
+    slow on CPU in one direction each (x[index] backward is an accumulating index_put, index_select
+    forward is serial); each direction here uses the fast kernel, and the two functions are adjoint."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(index)
+        ctx.num_rows = x.shape[0]
+        return x[index]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        (index,) = ctx.saved_tensors
+        return _scatter_add_rows(grad, index, ctx.num_rows), None
+
+
+class _ScatterAddRows(torch.autograd.Function):
+    """out[index[i]] += y[i] into num_rows zero rows; the adjoint of _GatherRows."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, index: torch.Tensor, num_rows: int) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(index)
+        return y.new_zeros(num_rows, y.shape[-1]).index_add_(0, index, y)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        (index,) = ctx.saved_tensors
+        return _GatherRows.apply(grad, index), None, None
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return _GatherRows.apply(x, index)
+
+
+def _scatter_add_rows(y: torch.Tensor, index: torch.Tensor, num_rows: int) -> torch.Tensor:
+    return _ScatterAddRows.apply(y, index, num_rows)
 
 
 class Experts(nn.Module):
@@ -89,7 +134,7 @@ class Experts(nn.Module):
             order = order[: int(offsets[-1])]  # [F]
         token = order // K  # [F] source token of each sorted slot
         gate = weights.reshape(-1)[order].to(x.dtype)  # [F]
-        rows = x[token]  # [F, H]
+        rows = _gather_rows(x, token)  # [F, H]
         if static_shapes:
             valid = (torch.arange(order.numel(), device=x.device) < offsets[-1]).unsqueeze(-1)
             rows = torch.where(valid, rows, 0)
@@ -100,7 +145,7 @@ class Experts(nn.Module):
         y = grouped_matmul(a, self.down_proj.transpose(1, 2), offsets)  # [F, H]
         if static_shapes:
             y = torch.where(valid, y, 0)
-        return torch.zeros_like(x).index_add_(0, token, y)
+        return _scatter_add_rows(y, token, T)
 
 
 def experts_reference(experts: Experts, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
