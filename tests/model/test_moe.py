@@ -19,9 +19,10 @@ def _moe(seed: int = 0, **overrides) -> MoE:
 
 
 ALIGNED = dict(hidden_size=48, expert_ffn_hidden_size=16)  # 16-byte rows: the grouped GEMM kernel runs
+UNALIGNED = dict(hidden_size=46, expert_ffn_hidden_size=13)  # the loop-over-groups fallback runs
 
 
-@pytest.mark.parametrize("sizes", [{}, ALIGNED], ids=["odd-sizes-fallback", "aligned-grouped-gemm"])
+@pytest.mark.parametrize("sizes", [UNALIGNED, ALIGNED], ids=["fallback", "grouped-gemm"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("static_shapes", [False, True])
 def test_grouped_matches_loop_values_and_grads(seed: int, static_shapes: bool, sizes: dict) -> None:
@@ -33,8 +34,8 @@ def test_grouped_matches_loop_values_and_grads(seed: int, static_shapes: bool, s
     ref = experts_reference(moe.experts, xs[1], routing.indices, routing.weights)
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=2e-5)
     grad_out = torch.randn_like(fast)
-    params = [moe.experts.gate_up_proj, moe.experts.down_proj]
-    g_fast = torch.autograd.grad(fast, [xs[0], *params], grad_out)
+    params = [moe.experts.gate_up_proj, moe.experts.down_proj, moe.router.classifier.weight]
+    g_fast = torch.autograd.grad(fast, [xs[0], *params], grad_out, retain_graph=True)
     g_ref = torch.autograd.grad(ref, [xs[1], *params], grad_out)
     for a, b in zip(g_fast, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)
@@ -47,6 +48,7 @@ def test_aligned_sizes_take_the_grouped_gemm() -> None:
         pytest.skip("this torch has no grouped GEMM")
     moe = _moe(0, **ALIGNED)
     assert _grouped_mm_applies(torch.randn(3, 48), moe.experts.gate_up_proj.transpose(1, 2))
+    assert not _grouped_mm_applies(torch.randn(3, 46), _moe(0, **UNALIGNED).experts.gate_up_proj.transpose(1, 2))
 
 
 def test_experts_with_no_ffn_slot_and_empty_input() -> None:

@@ -67,15 +67,15 @@ GROUPED_MM = _grouped_mm_available()
 
 
 class _GatherRows(torch.autograd.Function):
-    """rows = x[index]; its adjoint is a scatter-add. Written out because autograd's own pairs are
-    slow on CPU in one direction each (x[index] backward is an accumulating index_put, index_select
-    forward is serial); each direction here uses the fast kernel, and the two functions are adjoint."""
+    """rows = x[index]; its adjoint is a scatter-add. Written out because autograd differentiates
+    x[index] with an accumulating index_put, several times slower on CPU than index_add_; the two
+    functions here are each other's adjoint and each direction uses the fast kernel."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
         ctx.save_for_backward(index)
         ctx.num_rows = x.shape[0]
-        return x[index]
+        return x.index_select(0, index)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
@@ -95,6 +95,28 @@ class _ScatterAddRows(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
         (index,) = ctx.saved_tensors
         return _GatherRows.apply(grad, index), None, None
+
+
+class _GatedSwiGLU(torch.autograd.Function):
+    """a = silu(g) * u * gate from h = [g | u] [F, 2I] and gate [F]; saves only h and gate and
+    computes both gradients in one pass (autograd's chain keeps four [F, I] intermediates)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(h, gate)
+        g, u = h.chunk(2, dim=-1)
+        return F.silu(g) * u * gate.unsqueeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        h, gate = ctx.saved_tensors
+        g, u = h.chunk(2, dim=-1)
+        sig = torch.sigmoid(g)
+        silu = g * sig
+        grad_gate = (grad * silu * u).sum(-1) if ctx.needs_input_grad[1] else None
+        grad_act = grad * gate.unsqueeze(-1)
+        grad_g = grad_act * u * (sig + silu * (1 - sig))
+        return torch.cat((grad_g, grad_act * silu), dim=-1), grad_gate
 
 
 def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -133,15 +155,17 @@ class Experts(nn.Module):
         if not static_shapes:
             order = order[: int(offsets[-1])]  # [F]
         token = order // K  # [F] source token of each sorted slot
-        gate = weights.reshape(-1)[order].to(x.dtype)  # [F]
+        gate = weights.reshape(-1).index_select(0, order).to(x.dtype)  # [F]
         rows = _gather_rows(x, token)  # [F, H]
         if static_shapes:
+            # rows past offsets[-1] (zero-expert slots) hold unspecified values in both directions:
+            # `where` keeps them out of the output and, in backward, out of every gradient
             valid = (torch.arange(order.numel(), device=x.device) < offsets[-1]).unsqueeze(-1)
             rows = torch.where(valid, rows, 0)
+            gate = torch.where(valid.squeeze(-1), gate, 0)
         h = grouped_matmul(rows, self.gate_up_proj.transpose(1, 2), offsets)  # [F, 2I]
-        g, u = h.chunk(2, dim=-1)
         # the gate multiplies the I-wide activation, not the H-wide output (same result, less work)
-        a = F.silu(g) * u * gate.unsqueeze(-1)  # [F, I]
+        a = _GatedSwiGLU.apply(h, gate)  # [F, I]
         y = grouped_matmul(a, self.down_proj.transpose(1, 2), offsets)  # [F, H]
         if static_shapes:
             y = torch.where(valid, y, 0)

@@ -1,0 +1,81 @@
+"""Shared benchmark plumbing: interleaved timing, machine description, and the transformers twin."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+
+
+def machine() -> dict:
+    return {
+        "date": datetime.date.today().isoformat(),
+        "cpu": _cpu_name(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each function, the functions taking turns within every round so
+    that drift in machine speed hits them all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            _sync()
+            start = time.perf_counter()
+            fn()
+            _sync()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def transformers_version() -> str | None:
+    try:
+        import transformers
+    except ImportError:
+        return None
+    return transformers.__version__
+
+
+def transformers_twin(model: torch.nn.Module) -> torch.nn.Module:
+    """transformers' LongcatFlashForCausalLM holding exactly `model`'s weights (through a checkpoint)."""
+    import transformers
+    from transformers import LongcatFlashForCausalLM
+
+    stubs = int(transformers.__version__.split(".")[0]) >= 5
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp, zero_expert_stubs=stubs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+            twin = LongcatFlashForCausalLM.from_pretrained(tmp, dtype=model.dtype)
+    return twin.to(model.device).train(model.training)

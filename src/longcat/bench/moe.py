@@ -1,0 +1,141 @@
+"""`longcat bench moe`: our MoE layer against transformers' LongcatFlashMoE holding the same weights,
+and against a dense SwiGLU doing the same active FLOPs; then the whole model against transformers'.
+
+The dense width is chosen from the routing actually measured on the benchmark input: the average
+number of FFN experts per token times the expert width, plus the router's matmul expressed as
+SwiGLU width (E / 3, since a SwiGLU of width W costs 3 H W multiply-adds per token and the router
+H E).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import LongcatConfig
+from ..model.ffn import SwiGLU
+from ..model.lm import LongcatForCausalLM
+from .common import machine, time_interleaved, transformers_twin, transformers_version
+
+
+def run(
+    preset: str = "small",
+    batch: int = 8,
+    seq_len: int = 256,
+    rounds: int = 10,
+    model_batch: int = 4,
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> dict:
+    config = LongcatConfig.from_preset(preset)
+    torch.manual_seed(seed)
+    model = LongcatForCausalLM(config, seed=seed, device=device, dtype=dtype).train()
+    ours = model.model.layers[0].mlp
+    H = config.hidden_size
+    x = torch.randn(batch * seq_len, H, device=device, dtype=dtype)
+    grad = torch.randn_like(x)
+    x_req = x.clone().requires_grad_()
+
+    with torch.no_grad():
+        routing = ours.router(x)
+    ffn_per_token = (routing.indices < config.n_routed_experts).sum().item() / x.shape[0]
+    dense_width = round(ffn_per_token * config.expert_ffn_hidden_size + config.num_experts_total / 3)
+    dense = SwiGLU(H, dense_width).to(device=device, dtype=dtype)
+    for p in dense.parameters():
+        torch.nn.init.normal_(p, std=config.initializer_range)
+
+    def fwd(module):
+        def call():
+            with torch.no_grad():
+                module(x)
+
+        return call
+
+    def fwd_bwd(module):
+        def call():
+            x_req.grad = None
+            module(x_req).backward(grad)
+
+        return call
+
+    fns = {"ours_fwd": fwd(ours), "dense_fwd": fwd(dense), "ours_fwd_bwd": fwd_bwd(ours), "dense_fwd_bwd": fwd_bwd(dense)}
+    result: dict = {
+        "preset": preset,
+        "tokens": x.shape[0],
+        "ffn_experts_per_token": ffn_per_token,
+        "dense_width": dense_width,
+        "transformers": transformers_version(),
+        "machine": machine(),
+    }
+    twin = None
+    if result["transformers"] is not None:
+        twin = transformers_twin(model)
+        theirs = twin.model.layers[0].mlp
+        with torch.no_grad():
+            result["max_abs_diff_vs_transformers"] = (ours(x) - theirs(x.view(batch, seq_len, H)).view_as(x)).abs().max().item()
+        fns["transformers_fwd"] = fwd(lambda t: theirs(t.view(batch, seq_len, H)).view_as(t))
+        fns["transformers_fwd_bwd"] = fwd_bwd(lambda t: theirs(t.view(batch, seq_len, H)).view_as(t))
+    times = time_interleaved(fns, rounds)
+    result["ms"] = {name: 1000 * seconds for name, seconds in times.items()}
+    result["fwd_bwd_vs_dense"] = times["dense_fwd_bwd"] / times["ours_fwd_bwd"]
+    result["fwd_vs_dense"] = times["dense_fwd"] / times["ours_fwd"]
+    if twin is not None:
+        result["speedup_fwd_vs_transformers"] = times["transformers_fwd"] / times["ours_fwd"]
+        result["speedup_fwd_bwd_vs_transformers"] = times["transformers_fwd_bwd"] / times["ours_fwd_bwd"]
+        result.update(_whole_model(model, twin, model_batch, seq_len, max(3, rounds // 2), seed))
+    return result
+
+
+def _whole_model(model, twin, batch: int, seq_len: int, rounds: int, seed: int) -> dict:
+    """Forward + backward of the whole model (LM loss) on the same weights and tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=generator).to(model.device)
+
+    def step(m):
+        def call():
+            m.zero_grad(set_to_none=True)
+            m(ids, labels=ids).loss.backward()
+
+        return call
+
+    times = time_interleaved({"ours": step(model), "transformers": step(twin)}, rounds, warmup=1)
+    return {
+        "model_tokens": batch * seq_len,
+        "model_fwd_bwd_ms": {name: 1000 * t for name, t in times.items()},
+        "speedup_model_fwd_bwd_vs_transformers": times["transformers"] / times["ours"],
+    }
+
+
+def report(result: dict) -> str:
+    ms = result["ms"]
+    lines = [
+        f"MoE layer, preset {result['preset']}: {result['tokens']} tokens, "
+        f"{result['ffn_experts_per_token']:.2f} FFN experts/token; dense SwiGLU width {result['dense_width']}",
+        f"  {'':24}{'forward':>12}{'fwd+bwd':>12}",
+        f"  {'longcat (grouped)':24}{ms['ours_fwd']:>10.1f}ms{ms['ours_fwd_bwd']:>10.1f}ms",
+        f"  {'dense SwiGLU, same FLOPs':24}{ms['dense_fwd']:>10.1f}ms{ms['dense_fwd_bwd']:>10.1f}ms",
+    ]
+    if "transformers_fwd" in ms:
+        lines.append(
+            f"  {'transformers ' + result['transformers']:24}{ms['transformers_fwd']:>10.1f}ms"
+            f"{ms['transformers_fwd_bwd']:>10.1f}ms"
+        )
+    lines.append(
+        f"  longcat / dense speed:       forward {result['fwd_vs_dense']:.2f}   fwd+bwd {result['fwd_bwd_vs_dense']:.2f}"
+    )
+    if "speedup_fwd_vs_transformers" in result:
+        lines.append(
+            f"  speed-up over transformers:  forward {result['speedup_fwd_vs_transformers']:.1f}x   "
+            f"fwd+bwd {result['speedup_fwd_bwd_vs_transformers']:.1f}x   "
+            f"(max |diff| {result['max_abs_diff_vs_transformers']:.1e})"
+        )
+        mm = result["model_fwd_bwd_ms"]
+        lines.append(
+            f"Whole model fwd+bwd, {result['model_tokens']} tokens: longcat {mm['ours']:.0f}ms, "
+            f"transformers {mm['transformers']:.0f}ms, speed-up {result['speedup_model_fwd_bwd_vs_transformers']:.1f}x"
+        )
+    else:
+        lines.append("  transformers is not installed: no comparison (pip install 'longcat[dev]')")
+    m = result["machine"]
+    lines.append(f"{m['date']}, {m['cpu']}, {m['threads']} threads, torch {m['torch']}")
+    return "\n".join(lines)
