@@ -6,10 +6,10 @@ import math
 
 import torch
 import torch.nn.functional as F
+from tests.conftest import random_tiny_config
 
 from longcat.model.attention import MLA
 from longcat.model.norm_rope import RotaryEmbedding, apply_rotary_interleaved
-from tests.conftest import random_tiny_config
 
 
 def test_interleaved_rope_matches_complex_rotation() -> None:

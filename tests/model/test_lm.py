@@ -4,9 +4,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+from tests.conftest import random_tiny_config
 
 from longcat import LongcatConfig, LongcatForCausalLM
-from tests.conftest import random_tiny_config
 
 
 def test_meta_build_holds_no_memory_and_is_fast() -> None:

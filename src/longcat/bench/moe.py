@@ -19,7 +19,7 @@ from .common import machine, time_interleaved, transformers_twin, transformers_v
 
 def run(
     preset: str = "small",
-    batch: int = 8,
+    batches: tuple[int, ...] = (2, 4, 8),
     seq_len: int = 256,
     rounds: int = 10,
     model_batch: int = 4,
@@ -27,9 +27,26 @@ def run(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> dict:
+    """The MoE layer at each batch size (sequences of seq_len tokens), then the whole model once."""
     config = LongcatConfig.from_preset(preset)
-    torch.manual_seed(seed)
     model = LongcatForCausalLM(config, seed=seed, device=device, dtype=dtype).train()
+    twin = transformers_twin(model) if transformers_version() is not None else None
+    result: dict = {
+        "preset": preset,
+        "seq_len": seq_len,
+        "transformers": transformers_version(),
+        "machine": machine(),
+        "layer": [_layer(model, twin, batch, seq_len, rounds, seed) for batch in batches],
+    }
+    if twin is not None:
+        result.update(_whole_model(model, twin, model_batch, seq_len, max(3, rounds // 2), seed))
+    return result
+
+
+def _layer(model, twin, batch: int, seq_len: int, rounds: int, seed: int) -> dict:
+    config = model.config
+    device, dtype = model.device, model.dtype
+    torch.manual_seed(seed)
     ours = model.model.layers[0].mlp
     H = config.hidden_size
     x = torch.randn(batch * seq_len, H, device=device, dtype=dtype)
@@ -58,21 +75,19 @@ def run(
 
         return call
 
-    fns = {"ours_fwd": fwd(ours), "dense_fwd": fwd(dense), "ours_fwd_bwd": fwd_bwd(ours), "dense_fwd_bwd": fwd_bwd(dense)}
-    result: dict = {
-        "preset": preset,
-        "tokens": x.shape[0],
-        "ffn_experts_per_token": ffn_per_token,
-        "dense_width": dense_width,
-        "transformers": transformers_version(),
-        "machine": machine(),
+    fns = {
+        "ours_fwd": fwd(ours),
+        "dense_fwd": fwd(dense),
+        "ours_fwd_bwd": fwd_bwd(ours),
+        "dense_fwd_bwd": fwd_bwd(dense),
     }
-    twin = None
-    if result["transformers"] is not None:
-        twin = transformers_twin(model)
+    result: dict = {"tokens": x.shape[0], "ffn_experts_per_token": ffn_per_token, "dense_width": dense_width}
+    if twin is not None:
         theirs = twin.model.layers[0].mlp
         with torch.no_grad():
-            result["max_abs_diff_vs_transformers"] = (ours(x) - theirs(x.view(batch, seq_len, H)).view_as(x)).abs().max().item()
+            result["max_abs_diff_vs_transformers"] = (
+                (ours(x) - theirs(x.view(batch, seq_len, H)).view_as(x)).abs().max().item()
+            )
         fns["transformers_fwd"] = fwd(lambda t: theirs(t.view(batch, seq_len, H)).view_as(t))
         fns["transformers_fwd_bwd"] = fwd_bwd(lambda t: theirs(t.view(batch, seq_len, H)).view_as(t))
     times = time_interleaved(fns, rounds)
@@ -82,7 +97,6 @@ def run(
     if twin is not None:
         result["speedup_fwd_vs_transformers"] = times["transformers_fwd"] / times["ours_fwd"]
         result["speedup_fwd_bwd_vs_transformers"] = times["transformers_fwd_bwd"] / times["ours_fwd_bwd"]
-        result.update(_whole_model(model, twin, model_batch, seq_len, max(3, rounds // 2), seed))
     return result
 
 
@@ -107,35 +121,42 @@ def _whole_model(model, twin, batch: int, seq_len: int, rounds: int, seed: int) 
 
 
 def report(result: dict) -> str:
-    ms = result["ms"]
+    has_twin = result["transformers"] is not None
     lines = [
-        f"MoE layer, preset {result['preset']}: {result['tokens']} tokens, "
-        f"{result['ffn_experts_per_token']:.2f} FFN experts/token; dense SwiGLU width {result['dense_width']}",
-        f"  {'':24}{'forward':>12}{'fwd+bwd':>12}",
-        f"  {'longcat (grouped)':24}{ms['ours_fwd']:>10.1f}ms{ms['ours_fwd_bwd']:>10.1f}ms",
-        f"  {'dense SwiGLU, same FLOPs':24}{ms['dense_fwd']:>10.1f}ms{ms['dense_fwd_bwd']:>10.1f}ms",
+        f"MoE layer, preset {result['preset']} (median ms; dense = SwiGLU with the same active FLOPs)",
+        f"  {'tokens':>6} {'FFN/tok':>7} | {'longcat':>15} | {'dense':>15} | "
+        + (f"{'transformers':>15} | " if has_twin else "")
+        + f"{'vs dense':>11} | "
+        + (f"{'vs transformers':>15}" if has_twin else ""),
+        f"  {'':>6} {'':>7} | {'fwd':>7} {'f+b':>7} | {'fwd':>7} {'f+b':>7} | "
+        + (f"{'fwd':>7} {'f+b':>7} | " if has_twin else "")
+        + f"{'fwd':>5} {'f+b':>5} | "
+        + (f"{'fwd':>7} {'f+b':>7}" if has_twin else ""),
     ]
-    if "transformers_fwd" in ms:
-        lines.append(
-            f"  {'transformers ' + result['transformers']:24}{ms['transformers_fwd']:>10.1f}ms"
-            f"{ms['transformers_fwd_bwd']:>10.1f}ms"
+    for row in result["layer"]:
+        ms = row["ms"]
+        line = (
+            f"  {row['tokens']:>6} {row['ffn_experts_per_token']:>7.2f} | "
+            f"{ms['ours_fwd']:>7.1f} {ms['ours_fwd_bwd']:>7.1f} | "
+            f"{ms['dense_fwd']:>7.1f} {ms['dense_fwd_bwd']:>7.1f} | "
         )
-    lines.append(
-        f"  longcat / dense speed:       forward {result['fwd_vs_dense']:.2f}   fwd+bwd {result['fwd_bwd_vs_dense']:.2f}"
-    )
-    if "speedup_fwd_vs_transformers" in result:
-        lines.append(
-            f"  speed-up over transformers:  forward {result['speedup_fwd_vs_transformers']:.1f}x   "
-            f"fwd+bwd {result['speedup_fwd_bwd_vs_transformers']:.1f}x   "
-            f"(max |diff| {result['max_abs_diff_vs_transformers']:.1e})"
-        )
+        if has_twin:
+            line += f"{ms['transformers_fwd']:>7.1f} {ms['transformers_fwd_bwd']:>7.1f} | "
+        line += f"{row['fwd_vs_dense']:>5.2f} {row['fwd_bwd_vs_dense']:>5.2f} | "
+        if has_twin:
+            line += f"{row['speedup_fwd_vs_transformers']:>6.1f}x {row['speedup_fwd_bwd_vs_transformers']:>6.1f}x"
+        lines.append(line)
+    if has_twin:
+        diff = max(row["max_abs_diff_vs_transformers"] for row in result["layer"])
         mm = result["model_fwd_bwd_ms"]
+        lines.append(f"  (outputs agree with transformers to {diff:.1e})")
         lines.append(
             f"Whole model fwd+bwd, {result['model_tokens']} tokens: longcat {mm['ours']:.0f}ms, "
-            f"transformers {mm['transformers']:.0f}ms, speed-up {result['speedup_model_fwd_bwd_vs_transformers']:.1f}x"
+            f"transformers {result['transformers']} {mm['transformers']:.0f}ms, "
+            f"speed-up {result['speedup_model_fwd_bwd_vs_transformers']:.2f}x"
         )
     else:
-        lines.append("  transformers is not installed: no comparison (pip install 'longcat[dev]')")
+        lines.append("transformers is not installed: no comparison (pip install 'longcat[dev]')")
     m = result["machine"]
-    lines.append(f"{m['date']}, {m['cpu']}, {m['threads']} threads, torch {m['torch']}")
+    lines.append(f"{m['date']}, {m['cpu']}, {m['threads']} threads, torch {m['torch']}, {m['device']}")
     return "\n".join(lines)
