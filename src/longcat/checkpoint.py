@@ -341,8 +341,8 @@ def load_pretrained(
         )
     if phantom:
         warnings.warn(
-            f"{root}: ignoring {len(phantom)} zero-expert weight(s) written by transformers 5.x "
-            f"(e.g. {sorted(phantom)[0]}); identity experts have no weights",
+            f"{root}: ignoring {len(phantom)} zero-expert weight(s), the rows transformers 5.x keeps for identity "
+            f"experts (e.g. {sorted(phantom)[0]}); identity experts have no weights",
             stacklevel=2,
         )
     for key, (shape, _name, _expert) in layout.items():

@@ -7,7 +7,9 @@ import json
 import sys
 from pathlib import Path
 
+from .checkpoint import CheckpointError
 from .config import PRESETS, ConfigError, LongcatConfig
+from .data.corpus import DataError
 
 
 def _load_config(preset_or_dir: str) -> tuple[LongcatConfig, str]:
@@ -78,6 +80,65 @@ def cmd_bench(args: argparse.Namespace) -> int:
     raise AssertionError(args.name)
 
 
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from .data.prepare import prepare
+    from .training.trainer import default_data_dir
+
+    out = Path(args.out) if args.out else default_data_dir()
+    meta = prepare(out, inputs=args.input, tokenizer_path=args.tokenizer, vocab_size=args.vocab_size,
+                   val_fraction=args.val_fraction, seed=args.seed)  # fmt: skip
+    print(f"prepared {out}: {meta['train_tokens']:,} training tokens, vocabulary {meta['vocab_size']}, "
+          f"unigram entropy {meta['unigram_entropy']:.3f} nats")  # fmt: skip
+    for domain, info in meta["domains"].items():
+        print(f"  {domain}: {info['train_docs']} training documents, {info['val_docs']} held out "
+              f"({info['val_tokens']:,} tokens)")  # fmt: skip
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import datetime
+
+    from .training.config import TrainConfig
+    from .training.trainer import TrainingError, train
+
+    if args.resume and not args.out:
+        raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
+    out = Path(args.out) if args.out else Path("runs") / (
+        f"{args.preset or 'tiny'}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    )
+    if args.resume and (out / "train_config.json").is_file():
+        cfg = TrainConfig.from_file(out / "train_config.json")  # the run's own settings
+    elif args.config:
+        cfg = TrainConfig.from_file(args.config)
+    else:
+        cfg = TrainConfig()
+    assignments = list(args.set or [])
+    for flag, key in (("preset", "preset"), ("max_steps", "max_steps"), ("seed", "seed"),
+                      ("save_every", "save_every"), ("data", "data_dir")):  # fmt: skip
+        value = getattr(args, flag)
+        if value is not None:
+            assignments.append(f"{key}={json.dumps(value)}")
+    if args.deterministic:
+        assignments.append("deterministic=true")
+    cfg = cfg.with_overrides(assignments)
+    print(f"training {cfg.preset} into {out}", file=sys.stderr)
+    try:
+        summary = train(cfg, out, resume=args.resume, progress=not args.quiet)
+    except TrainingError as err:
+        print(f"longcat: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .training.plots import plot_run
+
+    for path in plot_run(args.run_dir, args.out):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longcat", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +149,35 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--seq-len", type=int, default=4096, help="context length for the attention FLOPs")
     info.add_argument("--ffn-experts", type=float, default=None, help="K_e (default: K * N / (N + Z))")
     info.set_defaults(func=cmd_info)
+
+    data = sub.add_parser("data", help="prepare training data").add_subparsers(dest="data_command", required=True)
+    prep = data.add_parser("prepare", help="train a tokenizer and write token shards with a validation split")
+    prep.add_argument("--out", help="output directory (default: the cache used by `longcat train`)")
+    prep.add_argument("--input", nargs="+", help="text/JSONL files or directories (default: the embedded corpus)")
+    prep.add_argument("--tokenizer", help="use this tokenizer.json instead of training one")
+    prep.add_argument("--vocab-size", type=int, default=4096)
+    prep.add_argument("--val-fraction", type=float, default=0.02)
+    prep.add_argument("--seed", type=int, default=0)
+    prep.set_defaults(func=cmd_data_prepare)
+
+    train = sub.add_parser("train", help="train a LongCat model (default: the tiny preset on the embedded corpus)")
+    train.add_argument("--preset", help="model preset (tiny, small, longcat-flash)")
+    train.add_argument("--config", help="a JSON file of training fields (see TrainConfig)")
+    train.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="override fields; model.FIELD for the model")
+    train.add_argument("--out", help="run directory (default: runs/PRESET-TIMESTAMP)")
+    train.add_argument("--data", help="a prepared data directory (default: the embedded corpus)")
+    train.add_argument("--max-steps", type=int)
+    train.add_argument("--seed", type=int)
+    train.add_argument("--deterministic", action="store_true", help="bitwise-reproducible kernels")
+    train.add_argument("--save-every", type=int, help="checkpoint every N steps")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(func=cmd_train)
+
+    plot = sub.add_parser("plot", help="PNG plots of a run's metrics")
+    plot.add_argument("run_dir")
+    plot.add_argument("--out", help="where to write the PNGs (default: RUN_DIR/plots)")
+    plot.set_defaults(func=cmd_plot)
 
     bench = sub.add_parser("bench", help="benchmarks against transformers and dense baselines")
     bench.add_argument("name", choices=["moe"])
@@ -106,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as err:
         print(f"longcat: config error: {err}", file=sys.stderr)
+        return 2
+    except (DataError, CheckpointError) as err:
+        print(f"longcat: {err}", file=sys.stderr)
         return 2
 
 

@@ -1,0 +1,1 @@
+"""Data: corpus files, tokenizer training, token shards and the packed, resumable loader."""

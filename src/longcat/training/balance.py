@@ -1,0 +1,119 @@
+"""Budget control and load balance for zero-computation experts (paper §2.1-2.2; paper.md §2).
+
+Legend: T tokens, N FFN experts, Z zero experts, E = N + Z, K top-k, K_e target FFN experts per token,
+D groups of FFN experts (one per expert-parallel device).
+
+- `BudgetController`: after each optimizer step, for every MoE layer,
+      delta b_i = mu * (K_e / K * 1 / N  -  T_i / (K * T_all))   for FFN experts i <= N   (Eq. 2)
+      delta b_i = 0                                              for zero experts
+  with T_i the tokens routed to expert i and T_all the tokens of the global batch (every micro-batch,
+  every rank: the router's `expert_counts` accumulate them, and distributed/ all-reduces them
+  before this runs). mu decays over the run.
+- `load_balance_loss`: the device-level loss with the zero experts as group D + 1 (Eqs. 3-5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..model.moe import MoE
+from ..model.router import Routing
+
+
+@dataclass
+class LayerBudget:
+    ffn_experts_per_token: float  # mean over the global batch
+    max_violation: float  # (max_i T_i - mean_i T_i) / mean_i T_i over FFN experts (DeepSeek's MaxVio)
+
+
+class BudgetController:
+    def __init__(
+        self,
+        num_ffn_experts: int,
+        top_k: int,
+        target_ffn_experts: float,
+        rate: float,
+        final_rate_ratio: float = 1.0,
+        total_steps: int = 1,
+    ) -> None:
+        if not 0 < target_ffn_experts <= top_k:
+            raise ValueError(f"target_ffn_experts must lie in (0, K={top_k}], got {target_ffn_experts}")
+        self.N, self.K, self.K_e = num_ffn_experts, top_k, target_ffn_experts
+        self.rate, self.final_rate_ratio, self.total_steps = rate, final_rate_ratio, max(total_steps, 1)
+
+    def rate_at(self, step: int) -> float:
+        """mu at `step`: linear decay from rate to rate * final_rate_ratio over the run."""
+        progress = min(step / self.total_steps, 1.0)
+        return self.rate * (1.0 - (1.0 - self.final_rate_ratio) * progress)
+
+    def bias_delta(self, counts: torch.Tensor, tokens: float, rate: float) -> torch.Tensor:
+        """Eq. 2 for one layer: counts [E] tokens per expert over the global batch -> delta b [E]."""
+        delta = torch.zeros_like(counts, dtype=torch.float32)
+        share = counts[: self.N].float() / (self.K * tokens)
+        delta[: self.N] = rate * (self.K_e / self.K / self.N - share)
+        return delta
+
+    @torch.no_grad()
+    def step(self, moe_layers: list[MoE], step: int) -> list[LayerBudget]:
+        """Apply Eq. 2 to every layer from its accumulated counts, then clear the counts."""
+        rate = self.rate_at(step)
+        report = []
+        for moe in moe_layers:
+            router = moe.router
+            counts = router.expert_counts
+            tokens = counts.sum() / self.K  # every token fills K slots
+            if tokens <= 0:
+                report.append(LayerBudget(float("nan"), float("nan")))
+                continue
+            router.e_score_correction_bias.add_(self.bias_delta(counts, tokens, rate))
+            ffn = counts[: self.N]
+            mean_load = ffn.mean()
+            report.append(
+                LayerBudget(
+                    ffn_experts_per_token=float(ffn.sum() / tokens),
+                    max_violation=float((ffn.max() - mean_load) / mean_load) if mean_load > 0 else float("nan"),
+                )
+            )
+            counts.zero_()
+        return report
+
+
+def group_of_experts(num_ffn: int, num_zero: int, groups: int) -> torch.Tensor:
+    """Group index of each of the E experts: FFN experts split into `groups` contiguous groups of
+    N / D, all zero experts in group D."""
+    if num_ffn % groups:
+        raise ValueError(f"lb_groups D={groups} must divide the number of FFN experts N={num_ffn}")
+    ffn = torch.arange(num_ffn) // (num_ffn // groups)
+    return torch.cat((ffn, torch.full((num_zero,), groups)))
+
+
+def load_balance_loss(
+    routing: Routing, num_ffn: int, top_k: int, target_ffn_experts: float, groups: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eqs. 3-5 over one micro-batch (without alpha). Returns the loss and f [D + 1] (no gradient).
+
+    P_j = 1/T sum_t sum_{i in group j} R(x_t)_i
+    f_j = D / (K_e T) * #(slots choosing group j)            for FFN groups j <= D
+    f_{D+1} = 1 / ((K - K_e) T) * #(slots choosing a zero expert)
+    L = sum_j f_j P_j
+    f counts every selected expert in a group (so every f_j is 1 under perfectly balanced routing).
+    """
+    probs, indices = routing.probs, routing.indices  # [T, E], [T, K]
+    T, E = probs.shape
+    group = group_of_experts(num_ffn, E - num_ffn, groups).to(probs.device)  # [E]
+    P = torch.zeros(groups + 1, device=probs.device, dtype=probs.dtype).index_add_(0, group, probs.sum(0)) / T
+    with torch.no_grad():
+        hits = torch.bincount(group[indices.reshape(-1)], minlength=groups + 1).to(probs.dtype)
+        scale = torch.full((groups + 1,), groups / (target_ffn_experts * T), device=probs.device)
+        if E > num_ffn:
+            scale[groups] = 1.0 / ((top_k - target_ffn_experts) * T) if top_k > target_ffn_experts else 0.0
+        f = hits * scale
+    return (f * P).sum(), f
+
+
+def lb_probability_gradient(f: torch.Tensor, num_ffn: int, num_experts: int, groups: int) -> torch.Tensor:
+    """d L_LB / d P for the batch-averaged expert probability vector P [E]: f of each expert's group."""
+    group = group_of_experts(num_ffn, num_experts - num_ffn, groups).to(f.device)
+    return f[group]

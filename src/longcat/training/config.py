@@ -1,0 +1,124 @@
+"""TrainConfig: everything a run needs besides the model config (which is a preset plus overrides)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import ConfigError, LongcatConfig
+
+
+@dataclass
+class TrainConfig:
+    # model
+    preset: str = "tiny"
+    model: dict[str, Any] = field(default_factory=dict)  # LongcatConfig overrides
+    expert_gamma: float = 1.0  # fine-grained expert variance compensation at init (paper Eq. 8)
+    # data
+    data_dir: str | None = None  # None: the embedded corpus, prepared on first use
+    seq_len: int = 256
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    doc_masking: bool = True  # packed documents do not attend to each other
+    # optimisation
+    max_steps: int = 600
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    schedule: str = "wsd"  # "wsd" (warmup-stable-decay) or "cosine"
+    decay_fraction: float = 0.2  # WSD: the share of steps spent decaying
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-16  # paper §3.1.3: far below the gradient RMS
+    grad_clip: float = 1.0
+    # expert-bias budget controller (paper Eq. 2)
+    target_ffn_experts: float | None = None  # K_e; None: the uniform share K * N / (N + Z)
+    bias_update_rate: float = 0.05  # mu
+    bias_rate_final_ratio: float = 0.2  # mu decays linearly to this share of itself (paper: decay helps)
+    # losses
+    lb_alpha: float = 0.01  # device-level balance loss with the zero-expert group (Eqs. 3-5)
+    lb_groups: int = 1  # D: groups of FFN experts (one per expert-parallel device)
+    z_loss_weight: float = 1e-6  # hidden z-loss (Eq. 10)
+    mtp_weight: float = 0.3
+    mtp_start_step: int | None = None  # None: a quarter into the run (the paper adds MTP late)
+    # bookkeeping
+    seed: int = 0
+    deterministic: bool = False
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 0  # 0: only the final checkpoint
+    keep_checkpoints: int = 2
+    max_nonfinite: int = 3  # consecutive non-finite steps before the run stops
+    device: str = "auto"
+    dtype: str = "float32"  # "bfloat16": autocast on CUDA
+    export_zero_expert_stubs: bool = True  # final/ loads in transformers 5.x too (checkpoint.save_pretrained)
+
+    def model_config(self, vocab_size: int | None = None, special: dict[str, int] | None = None) -> LongcatConfig:
+        overrides = dict(self.model)
+        if vocab_size is not None:
+            overrides.setdefault("vocab_size", vocab_size)
+        for key, value in (special or {}).items():
+            overrides.setdefault(key, value)
+        overrides.setdefault("max_position_embeddings", max(self.seq_len, 1))
+        return LongcatConfig.from_preset(self.preset, **overrides)
+
+    @property
+    def mtp_start(self) -> int:
+        return self.max_steps // 4 if self.mtp_start_step is None else self.mtp_start_step
+
+    def validate(self) -> TrainConfig:
+        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "eval_every", "eval_batches"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.schedule not in ("wsd", "cosine"):
+            raise ConfigError(f"schedule must be 'wsd' or 'cosine', got {self.schedule!r}")
+        if not 0 <= self.decay_fraction <= 1 or not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("decay_fraction and min_lr_ratio must lie in [0, 1]")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.lb_groups <= 0:
+            raise ConfigError(f"lb_groups must be positive, got {self.lb_groups}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown training field(s) {unknown}; known: {sorted(known)}")
+        return cls(**data).validate()
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> TrainConfig:
+        try:
+            data = json.loads(open(path, encoding="utf-8").read())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ConfigError(f"cannot read training config {path}: {err}") from err
+        return cls.from_dict(data)
+
+    def with_overrides(self, assignments: list[str]) -> TrainConfig:
+        """Apply KEY=VALUE strings; VALUE is JSON (bare words are strings); `model.KEY` sets a model field."""
+        data = self.to_dict()
+        for item in assignments:
+            key, sep, raw = item.partition("=")
+            if not sep:
+                raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw
+            if key.startswith("model."):
+                data["model"] = {**data["model"], key.removeprefix("model."): value}
+            elif key in data:
+                data[key] = value
+            else:
+                raise ConfigError(f"--set {key}: unknown field; training fields are {sorted(data)}, or use model.FIELD")
+        return TrainConfig.from_dict(data)

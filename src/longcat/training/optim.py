@@ -1,0 +1,76 @@
+"""AdamW with parameter groups by role, and the learning-rate schedules.
+
+Roles: embedding (both token embeddings), hidden (every matrix inside the layers and the MTP module,
+experts included), unembedding (the LM head), router (expert classifiers) and no_decay (norm gains and
+biases). Matrices get weight decay, norms and biases none. Each group carries an `lr_scale` so the
+paper's width transfer (§3.1.1: hidden and unembedding learning rates divided by the width ratio,
+embedding unchanged) is one table.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import TrainConfig
+
+ROLES = ("embedding", "hidden", "unembedding", "router", "no_decay")
+
+
+def parameter_role(name: str, param: torch.nn.Parameter) -> str:
+    if name.endswith("embed_tokens.weight"):
+        return "embedding"
+    if name == "lm_head.weight":
+        return "unembedding"
+    if ".router.classifier." in name and param.ndim == 2:
+        return "router"
+    if param.ndim < 2:
+        return "no_decay"
+    return "hidden"
+
+
+def build_optimizer(
+    model: torch.nn.Module, cfg: TrainConfig, lr_scales: dict[str, float] | None = None
+) -> torch.optim.AdamW:
+    scales = {role: 1.0 for role in ROLES} | (lr_scales or {})
+    groups: dict[str, list[torch.nn.Parameter]] = {role: [] for role in ROLES}
+    seen: set[int] = set()
+    for name, param in model.named_parameters():
+        if not param.requires_grad or id(param) in seen:
+            continue
+        seen.add(id(param))
+        groups[parameter_role(name, param)].append(param)
+    param_groups = [
+        {
+            "params": params,
+            "role": role,
+            "lr_scale": scales[role],
+            "weight_decay": 0.0 if role == "no_decay" else cfg.weight_decay,
+        }
+        for role, params in groups.items()
+        if params
+    ]
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then WSD or cosine."""
+    peak, floor = cfg.lr, cfg.lr * cfg.min_lr_ratio
+    if step < cfg.warmup_steps:
+        return peak * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "cosine":
+        span = max(cfg.max_steps - cfg.warmup_steps, 1)
+        progress = min((step - cfg.warmup_steps) / span, 1.0)
+        return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    decay_steps = round(cfg.max_steps * cfg.decay_fraction)
+    decay_start = cfg.max_steps - decay_steps
+    if step < decay_start or decay_steps == 0:
+        return peak
+    progress = min((step - decay_start + 1) / decay_steps, 1.0)
+    return peak + (floor - peak) * progress
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]

@@ -1,0 +1,406 @@
+"""The training loop: LongCat-Flash's recipe (paper §2-3) on a prepared corpus.
+
+Per optimizer step: grad_accum micro-batches of LM loss + MTP loss (weight lambda, from mtp_start) +
+alpha * balance loss (Eqs. 3-5, mean over layers) + hidden z-loss (Eq. 10); clip; AdamW; then the
+expert-bias controller (Eq. 2) on the whole step's routing counts. A step with a non-finite loss or
+gradient is skipped and counted; `max_nonfinite` in a row stop the run, the last checkpoint intact.
+
+Run directory: train_config.json, metrics.jsonl (one JSON object per row), checkpoints/step_N/,
+final/ (HF format with tokenizer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..data.loader import Batch, PackedLoader, TokenStream, sequential_batches
+from ..data.prepare import load_meta, prepare
+from ..model.lm import LongcatForCausalLM
+from .balance import BudgetController, lb_probability_gradient, load_balance_loss
+from .checkpointing import (
+    list_checkpoints,
+    load_trainer_state,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    truncate_metrics,
+)
+from .config import TrainConfig
+from .optim import build_optimizer, lr_at, set_lr
+from .stability import hidden_stats, hidden_z_loss, router_cosine, small_gradient_share
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite losses, a bad run directory); the message says what to do."""
+
+
+def default_data_dir() -> Path:
+    root = os.environ.get("LONGCAT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "longcat"
+    )
+    return Path(root) / "data" / "embedded-v1"
+
+
+def configure_determinism(enabled: bool) -> None:
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.use_deterministic_algorithms(False)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _to(batch: Batch, device: torch.device) -> Batch:
+    if device.type == "cpu":
+        return batch
+    move = lambda t: None if t is None else t.to(device, non_blocking=True)
+    return Batch(*(move(getattr(batch, f)) for f in ("input_ids", "targets", "document_ids", "position_ids", "next_targets")))
+
+
+def _tensorboard_writer(path: Path):  # noqa: ANN202 - SummaryWriter | None
+    """TensorBoard logging when the tensorboard package is installed; nothing otherwise."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(path))
+
+
+class Progress:
+    """One status line: redrawn in place on a terminal, printed at log steps otherwise."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled, self.tty = total, enabled, sys.stderr.isatty()
+        self.start = time.perf_counter()
+
+    def update(self, step: int, row: dict | None, text: str) -> None:
+        if not self.enabled or (not self.tty and row is None):
+            return
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / max(step, 1) * (self.total - step)
+        line = f"step {step}/{self.total} | {text} | {elapsed:.0f}s elapsed, eta {eta:.0f}s"
+        sys.stderr.write(("\r" + line + " " * 4) if self.tty else line + "\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            sys.stderr.write("\n")
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False, progress: bool = True):
+        self.cfg = cfg.validate()
+        self.out = Path(out_dir)
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.ckpt_root = self.out / "checkpoints"
+        self.progress_enabled = progress
+        configure_determinism(cfg.deterministic)
+        self.device = _device(cfg.device)
+        self.data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
+        if not (self.data_dir / "meta.json").is_file():
+            if cfg.data_dir:
+                load_meta(self.data_dir)  # raises the clear error
+            prepare(self.data_dir)
+        self.meta = load_meta(self.data_dir)
+        self.tokenizer_files = [p for p in (self.data_dir / "tokenizer.json", self.data_dir / "tokenizer_config.json")]
+
+        existing = list_checkpoints(self.ckpt_root)
+        if existing and not resume:
+            raise TrainingError(f"{self.out} already holds checkpoints; pass --resume or choose another --out")
+        if resume and not existing:
+            raise TrainingError(f"--resume: {self.ckpt_root} holds no complete checkpoint to resume from")
+        self.step, self.skipped, self.consecutive_bad, self.tokens_seen = 0, 0, 0, 0
+        torch.manual_seed(cfg.seed)
+        if resume:
+            step, path = existing[-1]
+            self.model = LongcatForCausalLM.from_pretrained(path, device=self.device, dtype=torch.float32)
+            state = load_trainer_state(path)
+        else:
+            special = {k: self.meta[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+            model_cfg = cfg.model_config(vocab_size=self.meta["vocab_size"], special=special)
+            self.model = LongcatForCausalLM(model_cfg, device="meta")
+            self.model.to_empty(device=self.device)
+            self.model.init_weights(torch.Generator(self.device).manual_seed(cfg.seed), expert_gamma=cfg.expert_gamma)
+            state = None
+        self.config = self.model.config
+        for moe in self.model.moe_layers():
+            moe.keep_routing = True
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.K_e = cfg.target_ffn_experts or self.config.target_ffn_experts
+        self.controller = BudgetController(
+            self.config.n_routed_experts, self.config.moe_topk, self.K_e, cfg.bias_update_rate,
+            cfg.bias_rate_final_ratio, cfg.max_steps,
+        )  # fmt: skip
+        stream = TokenStream(self.data_dir / "train.bin", self.meta["dtype"])
+        self.loader = PackedLoader(stream, cfg.seq_len, cfg.batch_size, cfg.seed, cfg.doc_masking)
+        self.val_streams = {
+            domain: TokenStream(self.data_dir / f"val.{domain}.bin", self.meta["dtype"])
+            for domain, info in self.meta["domains"].items()
+            if info.get("val_docs")
+        }
+        self.out.mkdir(parents=True, exist_ok=True)
+        if state is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.loader.load_state_dict(state["loader"])
+            set_rng_state(state["rng"])
+            self.step, self.skipped = state["step"], state["skipped"]
+            self.consecutive_bad, self.tokens_seen = state["consecutive_bad"], state["tokens_seen"]
+            truncate_metrics(self.metrics_path, self.step)
+        (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        self.config.to_json_file(self.out / "model_config.json")
+        self.tensorboard = _tensorboard_writer(self.out / "tensorboard")
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if cfg.dtype == "bfloat16" and self.device.type == "cuda"
+            else contextlib.nullcontext()
+        )
+
+    # ----- one optimizer step ----------------------------------------------------------------
+    def _losses(self, batch: Batch, use_mtp: bool) -> tuple[torch.Tensor, dict, list, object]:
+        cfg, config = self.cfg, self.config
+        with self.autocast:
+            out = self.model(
+                batch.input_ids, document_ids=batch.document_ids, position_ids=batch.position_ids, return_mtp=use_mtp
+            )
+        V = config.vocab_size
+        lm = F.cross_entropy(out.logits.reshape(-1, V).float(), batch.targets.reshape(-1))
+        parts = {"lm": lm}
+        total = lm
+        if use_mtp:
+            parts["mtp"] = F.cross_entropy(out.mtp_logits.reshape(-1, V).float(), batch.next_targets.reshape(-1))
+            total = total + cfg.mtp_weight * parts["mtp"]
+        lb_terms, routings = [], []
+        for moe in self.model.moe_layers():
+            routing = moe.last_routing
+            loss, f = load_balance_loss(routing, config.n_routed_experts, config.moe_topk, self.K_e, cfg.lb_groups)
+            lb_terms.append(loss)
+            routings.append((routing, f))
+        parts["lb"] = torch.stack(lb_terms).mean()
+        parts["z"] = hidden_z_loss(out.hidden_states, cfg.z_loss_weight)
+        total = total + cfg.lb_alpha * parts["lb"] + parts["z"]
+        return total, parts, routings, out
+
+    def train_step(self, monitor: bool) -> dict | None:
+        cfg, config = self.cfg, self.config
+        lr = lr_at(self.step, cfg)
+        set_lr(self.optimizer, lr)
+        use_mtp = config.num_nextn_predict_layers > 0 and self.step >= cfg.mtp_start and cfg.mtp_weight > 0
+        start = time.perf_counter()
+        sums = {"lm": 0.0, "mtp": 0.0, "lb": 0.0, "z": 0.0}
+        layers = len(self.model.moe_layers())
+        ffn_sum = torch.zeros(layers, dtype=torch.float64)
+        ffn_sq = torch.zeros(layers, dtype=torch.float64)
+        tokens = 0
+        finite = True
+        last_out, rg_inputs = None, None
+        for micro in range(cfg.grad_accum):
+            batch = _to(self.loader.next_batch(), self.device)
+            total, parts, routings, out = self._losses(batch, use_mtp)
+            if monitor and micro == cfg.grad_accum - 1:
+                for routing, _f in routings:
+                    routing.probs.retain_grad()
+                rg_inputs, last_out = routings, out
+            (total / cfg.grad_accum).backward()
+            finite &= bool(torch.isfinite(total))
+            for key, value in parts.items():
+                sums[key] += float(value.detach()) / cfg.grad_accum
+            with torch.no_grad():
+                for i, (routing, _f) in enumerate(routings):
+                    n = (routing.indices < config.n_routed_experts).sum(-1).double()
+                    ffn_sum[i] += n.sum().cpu()
+                    ffn_sq[i] += n.pow(2).sum().cpu()
+            tokens += batch.num_tokens
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+        finite &= math.isfinite(grad_norm)
+        row = None
+        if finite:
+            small_share = small_gradient_share(self.model, cfg.adam_eps) if monitor else None
+            rg = self._grad_norm_ratio(rg_inputs) if monitor else None
+            self.optimizer.step()
+            budget = self.controller.step(self.model.moe_layers(), self.step)
+            self.consecutive_bad = 0
+        else:
+            for moe in self.model.moe_layers():
+                moe.router.expert_counts.zero_()
+            self.skipped += 1
+            self.consecutive_bad += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += tokens
+        elapsed = time.perf_counter() - start
+        if not finite:
+            if self.consecutive_bad >= cfg.max_nonfinite:
+                raise TrainingError(
+                    f"{self.consecutive_bad} steps in a row had a non-finite loss or gradient (last at step "
+                    f"{self.step}); the last good checkpoint in {self.ckpt_root} is intact. Lower lr or check the data"
+                )
+            return None
+        if monitor:
+            mean = ffn_sum / tokens
+            std = (ffn_sq / tokens - mean.pow(2)).clamp(min=0).sqrt()
+            h_max, h_l2 = hidden_stats(last_out.hidden_states)
+            row = {
+                "step": self.step,
+                "loss": sums["lm"],
+                "mtp_loss": sums["mtp"] if use_mtp else None,
+                "lb_loss": sums["lb"],
+                "z_loss": sums["z"],
+                "lr": lr,
+                "tokens_per_s": tokens / elapsed,
+                "tokens_seen": self.tokens_seen,
+                "grad_norm": grad_norm,
+                "ffn_experts_mean": float(mean.mean()),
+                "ffn_experts_std": float(std.mean()),
+                "ffn_experts_target": self.K_e,
+                "ffn_experts_per_layer": [float(x) for x in mean],
+                "ffn_experts_std_per_layer": [float(x) for x in std],
+                "controller_error": float(mean.mean()) - self.K_e,
+                "bias_update_rate": self.controller.rate_at(self.step - 1),
+                "max_violation": max(b.max_violation for b in budget),
+                "router_cosine": router_cosine(self.model),
+                "grad_norm_ratio": rg,
+                "hidden_max_abs": h_max,
+                "hidden_l2": h_l2,
+                "small_grad_share": small_share,
+                "skipped_steps": self.skipped,
+            }
+        return row
+
+    def _grad_norm_ratio(self, routings: list) -> float:
+        """R_g (Eq. 9): |alpha grad_P L_LB| / |grad_P L_LM| for the batch-averaged expert probabilities P,
+        averaged over layers. A common shift of every token's probabilities moves P by the same amount,
+        so grad_P of a loss is the sum over tokens of its gradient with respect to the probabilities; the
+        balance part is known in closed form and the rest of the measured gradient is the LM part."""
+        cfg, config = self.cfg, self.config
+        ratios = []
+        weight = cfg.lb_alpha / len(routings) / cfg.grad_accum  # the LB term's weight in the loss per layer
+        for routing, f in routings:
+            if routing.probs.grad is None:
+                continue
+            total = routing.probs.grad.sum(0).float()  # [E]
+            lb = weight * lb_probability_gradient(f, config.n_routed_experts, total.numel(), cfg.lb_groups)
+            lm = total - lb
+            ratios.append(float(lb.norm() / lm.norm().clamp(min=1e-30)))
+        return sum(ratios) / len(ratios) if ratios else float("nan")
+
+    # ----- evaluation ------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        cfg, config = self.cfg, self.config
+        self.model.eval()
+        row: dict = {"step": self.step}
+        total_loss, total_tokens = 0.0, 0
+        for domain, stream in self.val_streams.items():
+            loss_sum, count, ffn = 0.0, 0, 0.0
+            for batch in sequential_batches(stream, cfg.seq_len, cfg.batch_size, cfg.eval_batches, cfg.doc_masking):
+                batch = _to(batch, self.device)
+                with self.autocast:
+                    out = self.model(batch.input_ids, document_ids=batch.document_ids, position_ids=batch.position_ids)
+                loss_sum += float(
+                    F.cross_entropy(
+                        out.logits.reshape(-1, config.vocab_size).float(), batch.targets.reshape(-1), reduction="sum"
+                    )
+                )
+                count += batch.num_tokens
+                ffn += sum(
+                    float((moe.last_routing.indices < config.n_routed_experts).sum()) for moe in self.model.moe_layers()
+                ) / len(self.model.moe_layers())
+            if count:
+                row[f"val_loss_{domain}"] = loss_sum / count
+                row[f"val_ffn_experts_{domain}"] = ffn / count
+                total_loss, total_tokens = total_loss + loss_sum, total_tokens + count
+        row["val_loss"] = total_loss / max(total_tokens, 1)
+        self.model.train()
+        return row
+
+    # ----- checkpoints -----------------------------------------------------------------------
+    def save(self) -> Path:
+        state = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "loader": self.loader.state_dict(),
+            "rng": rng_state(),
+            "skipped": self.skipped,
+            "consecutive_bad": self.consecutive_bad,
+            "tokens_seen": self.tokens_seen,
+            "train_config": self.cfg.to_dict(),
+        }
+        path = save_checkpoint(self.ckpt_root / f"step_{self.step}", self.model, state, self.tokenizer_files)
+        prune_checkpoints(self.ckpt_root, self.cfg.keep_checkpoints)
+        return path
+
+    def export_final(self) -> Path:
+        final = self.out / "final"
+        tmp = self.out / ".final.tmp"
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        self.model.save_pretrained(tmp, zero_expert_stubs=self.cfg.export_zero_expert_stubs)
+        for file in self.tokenizer_files:
+            (tmp / file.name).write_bytes(file.read_bytes())
+        if final.exists():
+            import shutil
+
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        return final
+
+    def _log(self, row: dict) -> None:
+        with open(self.metrics_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+        if self.tensorboard is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tensorboard.add_scalar(key, value, row["step"])
+            self.tensorboard.flush()
+
+    # ----- the loop --------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.model.train()
+        progress = Progress(cfg.max_steps, self.progress_enabled)
+        last_eval: dict = {}
+        status = ""
+        try:
+            while self.step < cfg.max_steps:
+                monitor = (self.step + 1) % cfg.log_every == 0 or self.step == 0
+                row = self.train_step(monitor)
+                if row is not None:
+                    self._log(row)
+                    status = (
+                        f"loss {row['loss']:.3f} | {row['tokens_per_s']:,.0f} tok/s | "
+                        f"FFN experts/token {row['ffn_experts_mean']:.2f} (target {row['ffn_experts_target']:g})"
+                    )
+                if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
+                    last_eval = self.evaluate()
+                    self._log(last_eval)
+                    status += f" | val {last_eval['val_loss']:.3f}"
+                progress.update(self.step, row, status)
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+                    self.save()
+        finally:
+            progress.close()
+        self.save()
+        final = self.export_final()
+        return {"step": self.step, "final": str(final), "skipped_steps": self.skipped, **last_eval}
+
+
+def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False, progress: bool = True) -> dict:
+    return Trainer(cfg, out_dir, resume=resume, progress=progress).run()

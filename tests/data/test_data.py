@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from longcat.data.corpus import DataError, embedded_documents, read_documents
+from longcat.data.loader import PackedLoader, TokenStream, sequential_batches
+from longcat.data.prepare import load_meta, prepare, split_documents, unigram_entropy
+
+
+def test_embedded_corpus_has_both_domains() -> None:
+    counts: dict[str, int] = {}
+    for doc in embedded_documents():
+        counts[doc.domain] = counts.get(doc.domain, 0) + 1
+    assert counts == {"scripture": 1189, "python_docs": 497}
+
+
+def test_prepare_writes_shards_split_per_domain(small_data) -> None:
+    meta = load_meta(small_data)
+    assert set(meta["domains"]) == {"scripture", "python_docs"}
+    assert all(info["val_docs"] >= 1 and info["train_docs"] >= 1 for info in meta["domains"].values())
+    stream = TokenStream(small_data / "train.bin", meta["dtype"])
+    assert len(stream.tokens) == meta["train_tokens"]
+    # every document ends in EOS
+    ends = np.append(stream.starts[1:], len(stream.tokens)) - 1
+    assert np.all(np.asarray(stream.tokens)[ends] == meta["eos_token_id"])
+    assert 0 < meta["unigram_entropy"] < np.log(meta["vocab_size"])
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(small_data / "tokenizer.json"))
+    assert tok.decode(tok.encode("In the beginning 2024").ids) == "In the beginning 2024"
+    assert len(tok.encode("2024").ids) == 4  # digits are split one by one
+
+
+def test_split_is_order_independent_and_keeps_both_sides() -> None:
+    from longcat.data.corpus import Document
+
+    docs = [Document("a", f"t{i}", "x") for i in range(50)] + [Document("b", "only", "y")]
+    train, val = split_documents(docs, 0.1)
+    train2, val2 = split_documents(list(reversed(docs)), 0.1)
+    assert {d.title for d in val["a"]} == {d.title for d in val2["a"]}
+    assert any(d.domain == "b" for d in train) and "b" not in val
+
+
+def test_user_files_and_bad_input(tmp_path) -> None:
+    (tmp_path / "notes.txt").write_text("hello world")
+    (tmp_path / "more.jsonl").write_text(json.dumps({"text": "abc", "domain": "web"}) + "\n")
+    docs = list(read_documents([tmp_path]))
+    assert {(d.domain, d.text) for d in docs} == {("notes", "hello world"), ("web", "abc")}
+    (tmp_path / "bad.jsonl").write_text("{not json}\n")
+    with pytest.raises(DataError, match="bad.jsonl:1"):
+        list(read_documents([tmp_path / "bad.jsonl"]))
+    with pytest.raises(DataError, match="does not exist"):
+        list(read_documents([tmp_path / "missing.txt"]))
+    with pytest.raises(DataError, match="not a prepared data directory"):
+        load_meta(tmp_path)
+
+
+def test_prepare_with_given_tokenizer(tmp_path, small_data) -> None:
+    (tmp_path / "a.txt").write_text("In the beginning God created the heaven and the earth. " * 20)
+    (tmp_path / "b.txt").write_text("def f(x):\n    return x + 1\n" * 20)
+    meta = prepare(tmp_path / "out", inputs=[str(tmp_path / "a.txt"), str(tmp_path / "b.txt")],
+                   tokenizer_path=small_data / "tokenizer.json")  # fmt: skip
+    assert meta["vocab_size"] == load_meta(small_data)["vocab_size"]
+
+
+def test_unigram_entropy() -> None:
+    assert unigram_entropy(np.array([0, 1, 0, 1]), 4) == pytest.approx(np.log(2))
+
+
+def test_loader_resumes_exactly_and_masks_documents(small_data) -> None:
+    meta = load_meta(small_data)
+    stream = TokenStream(small_data / "train.bin", meta["dtype"])
+    a = PackedLoader(stream, seq_len=32, batch_size=4, seed=3)
+    for _ in range(5):
+        a.next_batch()
+    b = PackedLoader(stream, seq_len=32, batch_size=4, seed=3)
+    b.load_state_dict(a.state_dict())
+    for _ in range(3 * a.num_windows // 4):  # crosses an epoch boundary
+        x, y = a.next_batch(), b.next_batch()
+        assert torch.equal(x.input_ids, y.input_ids)
+    batch = a.next_batch()
+    assert torch.equal(batch.targets[:, :-1], batch.input_ids[:, 1:])
+    assert torch.equal(batch.next_targets, batch.targets[:, 1:])
+    # positions restart where a new document starts
+    eos = meta["eos_token_id"]
+    for row in range(batch.input_ids.shape[0]):
+        ids, pos, doc = batch.input_ids[row], batch.position_ids[row], batch.document_ids[row]
+        for t in range(1, ids.numel()):
+            if ids[t - 1] == eos:
+                assert pos[t] == 0 and doc[t] == doc[t - 1] + 1
+            else:
+                assert pos[t] == pos[t - 1] + 1 and doc[t] == doc[t - 1]
+    with pytest.raises(DataError, match="differs from the checkpoint"):
+        PackedLoader(stream, seq_len=16, batch_size=4, seed=3).load_state_dict(a.state_dict())
+    assert sum(1 for _ in sequential_batches(stream, 32, 4, max_batches=2)) == 2

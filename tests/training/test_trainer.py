@@ -1,0 +1,124 @@
+"""The training loop: metrics, checkpoints, determinism, exact resume after kill -9, non-finite steps."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from longcat import LongcatForCausalLM
+from longcat.training.trainer import Trainer, TrainingError, train
+from tests.conftest import tiny_train_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def weights_hash(model_dir: Path) -> str:
+    tensors = load_file(model_dir / "model.safetensors")
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        digest.update(key.encode())
+        digest.update(tensors[key].contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def test_run_writes_metrics_checkpoints_and_final(small_data, tmp_path) -> None:
+    summary = train(tiny_train_config(small_data, save_every=4), tmp_path, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    eval_rows = [r for r in rows if "val_loss" in r]
+    for key in ("step", "loss", "lr", "tokens_per_s", "ffn_experts_mean", "ffn_experts_std", "ffn_experts_target",
+                "max_violation", "router_cosine", "grad_norm_ratio", "hidden_max_abs"):  # fmt: skip
+        assert all(r[key] is not None for r in train_rows), key
+    assert {"val_loss", "val_loss_scripture", "val_loss_python_docs"} <= set(eval_rows[-1])
+    assert train_rows[-1]["mtp_loss"] is not None and train_rows[0]["mtp_loss"] is None  # MTP from step 2
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_4", "step_8"]
+    model = LongcatForCausalLM.from_pretrained(tmp_path / "final")
+    assert model.model.mtp is not None
+    assert (tmp_path / "final" / "tokenizer.json").is_file()
+    assert summary["step"] == 8
+    json.loads((tmp_path / "train_config.json").read_text())
+    with pytest.raises(TrainingError, match="--resume"):
+        Trainer(tiny_train_config(small_data), tmp_path, progress=False)
+
+
+def test_final_checkpoint_loads_in_transformers(small_data, tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    train(tiny_train_config(small_data, max_steps=2, eval_every=2), tmp_path, progress=False)
+    theirs = transformers.LongcatFlashForCausalLM.from_pretrained(tmp_path / "final").eval()
+    ours = LongcatForCausalLM.from_pretrained(tmp_path / "final").eval()
+    ids = torch.randint(0, ours.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, rtol=0, atol=1e-4)
+
+
+def test_deterministic_runs_are_bitwise_identical(small_data, tmp_path) -> None:
+    for name in ("a", "b"):
+        train(tiny_train_config(small_data, deterministic=True, seed=5), tmp_path / name, progress=False)
+    assert weights_hash(tmp_path / "a" / "final") == weights_hash(tmp_path / "b" / "final")
+    losses = [
+        [json.loads(line).get("loss") for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        for name in ("a", "b")
+    ]
+    assert losses[0] == losses[1]
+
+
+def _cli(args: list[str]) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    return subprocess.Popen([sys.executable, "-m", "longcat.cli", "train", "--quiet", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+
+
+def test_kill_9_then_resume_matches_uninterrupted_run(small_data, tmp_path) -> None:
+    cfg = tiny_train_config(small_data, max_steps=16, eval_every=5, log_every=3)
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
+    common = ["--config", str(tmp_path / "cfg.json"), "--deterministic"]
+    # the reference: never stopped, never saved before the end
+    ref = _cli([*common, "--out", str(tmp_path / "ref")])
+    assert ref.wait(timeout=240) == 0, ref.stderr.read().decode()
+    # killed with SIGKILL once a checkpoint exists, at an arbitrary moment after it
+    victim = _cli([*common, "--out", str(tmp_path / "run"), "--save-every", "3"])
+    deadline = time.time() + 240
+    while not (tmp_path / "run" / "checkpoints" / "step_6").exists():
+        assert victim.poll() is None, victim.stderr.read().decode()
+        assert time.time() < deadline
+        time.sleep(0.02)
+    time.sleep(0.3)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    resumed = _cli(["--out", str(tmp_path / "run"), "--resume"])
+    assert resumed.wait(timeout=240) == 0, resumed.stderr.read().decode()
+    assert weights_hash(tmp_path / "run" / "final") == weights_hash(tmp_path / "ref" / "final")
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    ref_steps = [json.loads(line)["step"] for line in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == ref_steps  # no duplicated or missing rows after the resume
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(small_data, tmp_path, monkeypatch) -> None:
+    trainer = Trainer(tiny_train_config(small_data, max_steps=10, save_every=2, max_nonfinite=3), tmp_path,
+                      progress=False)  # fmt: skip
+    original = trainer._losses
+    calls = {"n": 0}
+
+    def flaky(batch, use_mtp):  # noqa: ANN001
+        calls["n"] += 1
+        total, parts, routings, out = original(batch, use_mtp)
+        if calls["n"] == 3 or calls["n"] >= 6:
+            total = total * float("nan")
+        return total, parts, routings, out
+
+    monkeypatch.setattr(trainer, "_losses", flaky)
+    with pytest.raises(TrainingError, match="non-finite"):
+        trainer.run()
+    assert trainer.skipped == 4  # step 3 alone, then steps 6, 7, 8 in a row
+    good = LongcatForCausalLM.from_pretrained(tmp_path / "checkpoints" / "step_4")
+    assert all(torch.isfinite(p).all() for p in good.parameters())
