@@ -39,6 +39,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint directory or file is missing, corrupt or does not match the config."""
 
 
+class ZeroExpertRowsIgnored(UserWarning):
+    """A checkpoint carries gate/up rows for zero experts (transformers 5.x layout); they were skipped."""
+
+
 # ----- the one expert-layout conversion -------------------------------------------------------
 def expert_keys(prefix: str, num_experts: int) -> Iterator[tuple[str, int, str]]:
     """Disk keys of a stacked expert block `prefix` (e.g. `model.layers.0.mlp.experts`):
@@ -343,6 +347,7 @@ def load_pretrained(
         warnings.warn(
             f"{root}: ignoring {len(phantom)} zero-expert weight(s), the rows transformers 5.x keeps for identity "
             f"experts (e.g. {sorted(phantom)[0]}); identity experts have no weights",
+            ZeroExpertRowsIgnored,
             stacklevel=2,
         )
     for key, (shape, _name, _expert) in layout.items():

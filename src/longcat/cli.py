@@ -10,6 +10,7 @@ from pathlib import Path
 from .checkpoint import CheckpointError
 from .config import PRESETS, ConfigError, LongcatConfig
 from .data.corpus import DataError
+from .inference.generate import GenerationError
 
 
 def _load_config(preset_or_dir: str) -> tuple[LongcatConfig, str]:
@@ -77,6 +78,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
         result = moe.run(**kwargs)
         print(json.dumps(result, indent=2) if args.json else moe.report(result))
         return 0
+    if args.name == "train":
+        from .bench import train
+
+        kwargs = {"preset": args.preset, "rounds": args.rounds, "seq_len": args.seq_len, "data_dir": args.data}
+        if args.batch:
+            kwargs["batch"] = args.batch[0]
+        result = train.run(**kwargs)
+        print(json.dumps(result, indent=2) if args.json else train.report(result))
+        return 0
+    if args.name == "decode":
+        from .bench import decode
+
+        result = decode.run(
+            checkpoint=args.checkpoint, repeats=max(1, args.rounds // 4), draft_tokens=args.draft_tokens
+        )
+        print(json.dumps(result, indent=2) if args.json else decode.report(result))
+        return 0
     raise AssertionError(args.name)
 
 
@@ -103,8 +121,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.resume and not args.out:
         raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
-    out = Path(args.out) if args.out else Path("runs") / (
-        f"{args.preset or 'tiny'}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    out = (
+        Path(args.out)
+        if args.out
+        else Path("runs") / (f"{args.preset or 'tiny'}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}")
     )
     if args.resume and (out / "train_config.json").is_file():
         cfg = TrainConfig.from_file(out / "train_config.json")  # the run's own settings
@@ -128,6 +148,56 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"longcat: {err}", file=sys.stderr)
         return 1
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import time
+
+    from .inference.chat import CheckpointTokenizer
+    from .inference.generate import GenerationStats
+    from .model.lm import LongcatForCausalLM
+
+    tokenizer = CheckpointTokenizer(args.checkpoint) if Path(args.checkpoint).is_dir() else None
+    model = LongcatForCausalLM.from_pretrained(args.checkpoint).eval()
+    if tokenizer is None:
+        tokenizer = CheckpointTokenizer(args.checkpoint)
+    text = args.prompt
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}
+        ]
+        text = tokenizer.chat(messages)
+    ids = tokenizer.encode(text)
+    if not ids:
+        raise GenerationError("the prompt is empty: pass some text with --prompt")
+    stats = GenerationStats()
+    kwargs = dict(
+        max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, seed=args.seed, speculative="mtp" if args.speculative else None,
+        num_draft_tokens=args.draft_tokens, stats=stats, compile=args.compile,
+    )  # fmt: skip
+    start = time.perf_counter()
+    new: list[int] = []
+    shown = ""
+    for chunk in model.stream_generate([ids], **kwargs):
+        new.extend(chunk[0].tolist())
+        if args.stream:
+            decoded = tokenizer.decode(new)
+            if not decoded.endswith("\ufffd"):  # wait for the rest of a split multi-byte character
+                sys.stdout.write(decoded[len(shown) :])
+                sys.stdout.flush()
+                shown = decoded
+    elapsed = time.perf_counter() - start
+    decoded = tokenizer.decode(new)
+    print(decoded[len(shown) :] if args.stream else decoded)
+    if args.stats:
+        line = f"{stats.new_tokens} tokens in {elapsed:.2f}s ({stats.new_tokens / max(elapsed, 1e-9):.1f} tokens/s)"
+        if args.speculative:
+            line += (
+                f"; MTP acceptance {stats.acceptance_rate:.1%}, {stats.tokens_per_forward:.2f} tokens per main forward"
+            )
+        print(line, file=sys.stderr)
     return 0
 
 
@@ -174,30 +244,56 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
 
+    gen = sub.add_parser("generate", help="generate text from a checkpoint")
+    gen.add_argument("checkpoint", help="a checkpoint directory (config.json, *.safetensors, tokenizer.json)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat format")
+    gen.add_argument("--system", help="system prompt for --chat")
+    gen.add_argument("--stream", action="store_true", help="print tokens as they come")
+    gen.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
+    gen.add_argument("--draft-tokens", type=int, default=1, help="MTP draft tokens per round")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--stats", action="store_true", help="print speed (and MTP acceptance) to stderr")
+    gen.add_argument("--compile", action="store_true", help="torch.compile the decode steps (slow first call)")
+    gen.set_defaults(func=cmd_generate)
+
     plot = sub.add_parser("plot", help="PNG plots of a run's metrics")
     plot.add_argument("run_dir")
     plot.add_argument("--out", help="where to write the PNGs (default: RUN_DIR/plots)")
     plot.set_defaults(func=cmd_plot)
 
     bench = sub.add_parser("bench", help="benchmarks against transformers and dense baselines")
-    bench.add_argument("name", choices=["moe"])
+    bench.add_argument("name", choices=["moe", "train", "decode"])
+    bench.add_argument("--checkpoint", help="decode: a trained checkpoint (adds speculative vs plain)")
+    bench.add_argument("--draft-tokens", type=int, default=1, help="decode: MTP draft tokens per round")
     bench.add_argument("--json", action="store_true")
     bench.add_argument("--preset", default="small")
-    bench.add_argument("--batch", type=int, nargs="+", default=None, help="sequences per batch (default 2 4 8)")
+    bench.add_argument("--batch", type=int, nargs="+", default=None, help="sequences per batch (moe: 2 4 8; train: 8)")
     bench.add_argument("--seq-len", type=int, default=256)
     bench.add_argument("--rounds", type=int, default=10, help="timed rounds (the median is reported)")
+    bench.add_argument("--data", help="train: a prepared data directory (default: the embedded corpus)")
     bench.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    from .checkpoint import ZeroExpertRowsIgnored
+
+    warnings.simplefilter("ignore", ZeroExpertRowsIgnored)  # our own final/ carries them on purpose
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except ConfigError as err:
         print(f"longcat: config error: {err}", file=sys.stderr)
         return 2
-    except (DataError, CheckpointError) as err:
+    except (DataError, CheckpointError, GenerationError) as err:
         print(f"longcat: {err}", file=sys.stderr)
         return 2
 

@@ -41,6 +41,19 @@ def test_grouped_matches_loop_values_and_grads(seed: int, static_shapes: bool, s
         torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)
 
 
+def test_gathered_decode_path_matches_loop() -> None:
+    moe = _moe(4, n_routed_experts=7, zero_expert_num=3, moe_topk=3)
+    x = torch.randn(5, moe.router.classifier.in_features, requires_grad=True)
+    routing = moe.router(x)
+    fast = moe.experts.forward_gathered(x, routing.indices, routing.weights)
+    ref = experts_reference(moe.experts, x, routing.indices, routing.weights)
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=2e-5)
+    g_fast = torch.autograd.grad(fast.sum(), [x, moe.experts.down_proj], retain_graph=True)
+    g_ref = torch.autograd.grad(ref.sum(), [x, moe.experts.down_proj])
+    for a, b in zip(g_fast, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)
+
+
 def test_aligned_sizes_take_the_grouped_gemm() -> None:
     from longcat.model.moe import GROUPED_MM, _grouped_mm_applies
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
+from tests.conftest import random_tiny_config
 
 from longcat.model.router import Routing
 from longcat.training.balance import BudgetController, load_balance_loss
-from tests.conftest import random_tiny_config
 
 
 def test_controller_update_matches_eq2_on_hand_made_counts() -> None:
@@ -17,6 +17,17 @@ def test_controller_update_matches_eq2_on_hand_made_counts() -> None:
     # Eq. 2: 0.1 * (K_e / K / N - T_i / (K T_all)) = 0.1 * (1/8 - T_i / 20); zero experts untouched
     expected = torch.tensor([0.1 * (1 / 8 - 6 / 20), 0.1 * (1 / 8 - 2 / 20), 0.1 * (1 / 8 - 1 / 20), 0.1 / 8, 0, 0])
     torch.testing.assert_close(delta, expected)
+
+
+def test_split_rates_reduce_to_eq2_and_separate_budget_from_balance() -> None:
+    controller = BudgetController(num_ffn_experts=4, top_k=2, target_ffn_experts=1.0, rate=0.1)
+    counts = torch.tensor([6.0, 2.0, 1.0, 0.0, 7.0, 4.0])
+    torch.testing.assert_close(controller.bias_delta(counts, 10.0, 0.1, 0.1), controller.bias_delta(counts, 10.0, 0.1))
+    budget_only = controller.bias_delta(counts, 10.0, 0.1, 0.0)
+    # F = 9 / 10 FFN experts per token against K_e = 1: every FFN bias rises by 0.1 * (1 - 0.9) / (2 * 4)
+    torch.testing.assert_close(budget_only[:4], torch.full((4,), 0.1 * 0.1 / 8))
+    balance_only = controller.bias_delta(counts, 10.0, 0.0, 0.1)
+    assert abs(float(balance_only[:4].sum())) < 1e-7  # zero-sum: moves load between experts only
 
 
 def test_controller_step_reads_and_clears_counts_and_only_moves_ffn_biases() -> None:
@@ -69,7 +80,12 @@ def test_balance_loss_matches_eqs_3_to_5_on_hand_made_batch() -> None:
     )
     indices = torch.tensor([[2, 4], [0, 5], [3, 2]])
     loss, f = load_balance_loss(Routing(probs, indices, probs.gather(1, indices)), 4, 2, 1.0, 2)
-    P = torch.tensor([0.1 + 0.2 + 0.4 + 0.1 + 0.05 + 0.05, 0.3 + 0.1 + 0.1 + 0.1 + 0.2 + 0.3, 0.2 + 0.1 + 0.1 + 0.2 + 0.3 + 0.1]) / 3
+    P = (
+        torch.tensor(
+            [0.1 + 0.2 + 0.4 + 0.1 + 0.05 + 0.05, 0.3 + 0.1 + 0.1 + 0.1 + 0.2 + 0.3, 0.2 + 0.1 + 0.1 + 0.2 + 0.3 + 0.1]
+        )
+        / 3
+    )
     # slots per group: group 0 <- {0}: 1; group 1 <- {2, 3, 2}: 3; zero group <- {4, 5}: 2
     f_expected = torch.tensor([2 / (1 * 3) * 1, 2 / (1 * 3) * 3, 1 / ((2 - 1) * 3) * 2])
     torch.testing.assert_close(f, f_expected)

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tests.conftest import tiny_train_config
 
 from longcat import LongcatForCausalLM
 from longcat.training.trainer import Trainer, TrainingError, train
-from tests.conftest import tiny_train_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -122,3 +122,23 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(small_data, tmp_path, mo
     assert trainer.skipped == 4  # step 3 alone, then steps 6, 7, 8 in a row
     good = LongcatForCausalLM.from_pretrained(tmp_path / "checkpoints" / "step_4")
     assert all(torch.isfinite(p).all() for p in good.parameters())
+
+
+def test_dominant_balance_loss_warns_and_grad_accum_runs(small_data, tmp_path) -> None:
+    cfg = tiny_train_config(small_data, max_steps=2, log_every=1, lb_alpha=100.0, grad_accum=2, batch_size=2)
+    with pytest.warns(UserWarning, match="R_g"):
+        train(cfg, tmp_path, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["grad_norm_ratio"] > 0.1
+    assert rows[0]["tokens_seen"] == 2 * 2 * 32  # two micro-batches of two sequences
+
+
+@pytest.mark.slow
+def test_bench_train_reports_speedup_and_mfu(small_data, capsys) -> None:
+    pytest.importorskip("transformers")
+    from longcat.cli import main
+
+    args = ["bench", "train", "--preset", "tiny", "--batch", "2", "--seq-len", "32", "--rounds", "1"]
+    assert main([*args, "--data", str(small_data), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["speedup_vs_transformers"] > 0 and 0 < result["mfu"] < 1

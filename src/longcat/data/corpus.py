@@ -54,7 +54,9 @@ def _read_jsonl(path: Path, default_domain: str) -> Iterator[Document]:
                 raise DataError(f"{path}:{number} is not valid JSON ({err})") from err
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                 raise DataError(f'{path}:{number} needs a "text" string field')
-            yield Document(str(row.get("domain", default_domain)), str(row.get("title", f"{path.name}:{number}")), row["text"])
+            yield Document(
+                str(row.get("domain", default_domain)), str(row.get("title", f"{path.name}:{number}")), row["text"]
+            )
 
 
 def embedded_documents() -> Iterator[Document]:

@@ -10,12 +10,17 @@ multiplies the whole query, which we fold into the softmax scale since q only en
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import LongcatConfig
 from .norm_rope import RMSNorm, apply_rotary_interleaved
+
+if TYPE_CHECKING:
+    from ..inference.kv_cache import LatentCache
 
 # transformers builds the latent norms with the RMSNorm default eps, not rms_norm_eps.
 LATENT_NORM_EPS = 1e-6
@@ -66,12 +71,38 @@ class MLA(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
+        cache: LatentCache | None = None,
+        sublayer: int = 0,
+        start: int = 0,
     ) -> torch.Tensor:
-        """Naive (expanded) path for training and prefill. x [B, T, H]; cos/sin [B, T, R/2];
-        attn_mask None (causal) or bool [B, 1, T, T] (True = attend)."""
-        B, T, _ = x.shape
+        """x [B, T, H]; cos/sin [B, T, R/2]; attn_mask None (causal) or bool [B, 1, T, S] (True = attend).
+
+        Without a cache, or when a cache is empty (prefill), the naive path: keys and values expanded
+        from the latent of these T tokens. With cached tokens before `start`, the absorbed path over all
+        S = start + T cached latents. Either way the new latents are written to the cache first."""
         q_nope, q_rope = self.query(x, cos, sin)
         latent, k_rope = self.latent(x, cos, sin)
+        if cache is not None and isinstance(start, torch.Tensor):  # compiled decode: static shapes
+            cache.write_at(sublayer, start, latent, k_rope)
+            return self.absorbed(q_nope, q_rope, cache.latent[sublayer], cache.k_rope[sublayer], attn_mask)
+        if cache is not None:
+            cache.write(sublayer, start, latent, k_rope)
+            if start > 0:
+                cached_latent, cached_rope = cache.read(sublayer, start + x.shape[1])
+                return self.absorbed(q_nope, q_rope, cached_latent, cached_rope, attn_mask)
+        return self.naive(q_nope, q_rope, latent, k_rope, attn_mask)
+
+    def naive(
+        self,
+        q_nope: torch.Tensor,
+        q_rope: torch.Tensor,
+        latent: torch.Tensor,
+        k_rope: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Expanded attention (training, prefill, and the reference for the absorbed form).
+        q_nope [B, n, T, Dn], q_rope [B, n, T, R], latent [B, T, Rkv], k_rope [B, T, R] -> [B, T, H]."""
+        B, _, T, _ = q_nope.shape
         kv = self.kv_b_proj(latent).view(B, T, self.num_heads, self.nope_dim + self.v_dim).transpose(1, 2)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)  # [B, n, T, Dn], [B, n, T, Dv]
         q = torch.cat((q_nope, q_rope), dim=-1)  # [B, n, T, Dn + R]
@@ -84,3 +115,32 @@ class MLA(nn.Module):
             scale=self.softmax_scale,
         )  # fmt: skip
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.v_dim))
+
+    def absorbed(
+        self,
+        q_nope: torch.Tensor,
+        q_rope: torch.Tensor,
+        latent: torch.Tensor,
+        k_rope: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Decode without expanding past keys and values (DeepSeek-V2's absorbed MLA).
+
+        q_nope [B, n, T, Dn], q_rope [B, n, T, R]; latent [B, S, Rkv], k_rope [B, S, R] (all cached
+        tokens); attn_mask bool [B, 1, T, S] or None (the T queries are the last T positions).
+        With kv_b_proj = [W_uk; W_uv] per head, q_nope . (W_uk c) = (W_uk^T q_nope) . c, and the output
+        W_uv (sum_j p_j c_j): one pass over the S x (Rkv + R) cache, shared by every head."""
+        B, n, T, _ = q_nope.shape
+        S = latent.shape[1]
+        w = self.kv_b_proj.weight.view(n, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]  # [n, Dn, Rkv], [n, Dv, Rkv]
+        q_latent = torch.einsum("bntd,ndr->bntr", q_nope, w_uk)  # [B, n, T, Rkv]
+        scores = q_latent @ latent.unsqueeze(1).transpose(-1, -2)  # [B, n, T, S]
+        scores = scores + q_rope @ k_rope.unsqueeze(1).transpose(-1, -2)
+        scores = scores.float() * self.softmax_scale
+        if attn_mask is None:
+            attn_mask = torch.ones(T, S, dtype=torch.bool, device=scores.device).tril(diagonal=S - T)
+        probs = scores.masked_fill(~attn_mask, float("-inf")).softmax(dim=-1).to(latent.dtype)
+        out_latent = probs @ latent.unsqueeze(1)  # [B, n, T, Rkv]
+        out = torch.einsum("bntr,ndr->btnd", out_latent, w_uv)  # [B, T, n, Dv]
+        return self.o_proj(out.reshape(B, T, n * self.v_dim))

@@ -13,6 +13,8 @@ and FFN_1 compute (distributed/ arranges that; this module stays single-device).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -21,6 +23,9 @@ from .attention import MLA
 from .ffn import SwiGLU
 from .moe import MoE
 from .norm_rope import RMSNorm
+
+if TYPE_CHECKING:
+    from ..inference.kv_cache import LatentCache
 
 
 class DecoderLayer(nn.Module):
@@ -34,12 +39,20 @@ class DecoderLayer(nn.Module):
         self.mlp = MoE(config)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        cache: LatentCache | None = None,
+        index: int = 0,
+        start: int = 0,
     ) -> torch.Tensor:
-        """x [B, T, H] -> [B, T, H]."""
-        h = x + self.self_attn[0](self.input_layernorm[0](x), cos, sin, attn_mask)
+        """x [B, T, H] -> [B, T, H]. With a cache, this layer's attentions use sublayers 2 index + {0, 1}."""
+        attn = lambda i, inp: self.self_attn[i](inp, cos, sin, attn_mask, cache, 2 * index + i, start)
+        h = x + attn(0, self.input_layernorm[0](x))
         u = self.post_attention_layernorm[0](h)
         shortcut = self.mlp(u)
         h = h + self.mlps[0](u)
-        h = h + self.self_attn[1](self.input_layernorm[1](h), cos, sin, attn_mask)
+        h = h + attn(1, self.input_layernorm[1](h))
         return h + self.mlps[1](self.post_attention_layernorm[1](h)) + shortcut

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,9 @@ from .moe import Experts, MoE
 from .mtp import MTP
 from .norm_rope import RMSNorm, RotaryEmbedding
 from .router import Router
+
+if TYPE_CHECKING:
+    from ..inference.kv_cache import LatentCache
 
 IGNORE_INDEX = -100
 
@@ -74,16 +78,19 @@ class LongcatModel(nn.Module):
         input_ids: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
+        cache: LatentCache | None = None,
+        start: int = 0,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """input_ids [B, T] -> last hidden state before the final norm [B, T, H], and the (cos, sin)
-        tables [B, T, R/2] so the MTP module can reuse them."""
+        tables [B, T, R/2] so the MTP module can reuse them. With a cache, the T tokens sit at cache
+        positions start .. start + T (the caller reserves them)."""
         B, T = input_ids.shape
         if position_ids is None:
-            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(position_ids, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, attn_mask)
+        for index, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, attn_mask, cache, index, start)
         return x, (cos, sin)
 
 
@@ -183,6 +190,21 @@ class LongcatForCausalLM(nn.Module):
             if labels is not None:
                 out.mtp_loss = causal_lm_loss(out.mtp_logits, labels[:, 1:])
         return out
+
+    # ----- generation (inference/generate.py) ------------------------------------------------
+    def generate(self, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:  # noqa: ANN001
+        """Prompt ids followed by new tokens, as transformers returns them. Keywords: max_new_tokens,
+        do_sample, temperature, top_k, top_p, eos_token_id, speculative (None | "mtp"),
+        num_draft_tokens, seed, stats (a GenerationStats to fill)."""
+        from ..inference.generate import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)
+
+    def stream_generate(self, input_ids, attention_mask=None, **kwargs):  # noqa: ANN001, ANN201
+        """Yields new tokens [B, n] as they are chosen; same keywords as generate()."""
+        from ..inference.generate import stream_generate
+
+        return stream_generate(self, input_ids, attention_mask, **kwargs)
 
     # ----- routing access for training and monitors ------------------------------------------
     def moe_layers(self) -> list[MoE]:

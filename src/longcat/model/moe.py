@@ -64,6 +64,7 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> t
 
 
 GROUPED_MM = _grouped_mm_available()
+GATHER_SLOTS = 64  # at most this many routing slots (T * K) take the gathered-weights path
 
 
 class _GatherRows(torch.autograd.Function):
@@ -145,8 +146,10 @@ class Experts(nn.Module):
         N = self.num_experts
         if T == 0:
             return torch.zeros_like(x)
+        if T * K <= GATHER_SLOTS or torch.compiler.is_compiling():
+            return self.forward_gathered(x, indices, weights)
         if static_shapes is None:
-            static_shapes = x.device.type != "cpu"
+            static_shapes = x.device.type != "cpu" or torch.compiler.is_compiling()
         flat = indices.reshape(-1)  # [A]
         order = torch.argsort(flat, stable=True)  # [A] FFN slots grouped by expert, zero slots last
         counts = torch.zeros(N + 1, dtype=torch.int32, device=x.device)
@@ -170,6 +173,20 @@ class Experts(nn.Module):
         if static_shapes:
             y = torch.where(valid, y, 0)
         return _scatter_add_rows(y, token, T)
+
+    def forward_gathered(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Decode path for a handful of tokens: gather each slot's expert weights and run batched
+        matmuls, A = T * K slots. No sort, no host sync, static shapes (torch.compile-friendly); it reads
+        A expert weight sets, so it only pays off while A is small."""
+        T, K = indices.shape
+        slot_expert = indices.reshape(-1).clamp(max=self.num_experts - 1)  # [A]; zero slots get weight 0
+        gate = (weights * (indices < self.num_experts)).reshape(-1).to(x.dtype)  # [A]
+        rows = x.repeat_interleave(K, dim=0).unsqueeze(-1)  # [A, H, 1]
+        h = torch.bmm(self.gate_up_proj[slot_expert], rows).squeeze(-1)  # [A, 2I]
+        g, u = h.chunk(2, dim=-1)
+        a = (F.silu(g) * u * gate.unsqueeze(-1)).unsqueeze(-1)  # [A, I, 1]
+        y = torch.bmm(self.down_proj[slot_expert], a).squeeze(-1)  # [A, H]
+        return y.view(T, K, -1).sum(dim=1)
 
 
 def experts_reference(experts: Experts, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

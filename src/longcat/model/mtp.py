@@ -15,6 +15,8 @@ transformer_layer.mlp}` and `model.mtp.norm`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -22,6 +24,9 @@ from ..config import LongcatConfig
 from .attention import MLA
 from .ffn import SwiGLU
 from .norm_rope import RMSNorm
+
+if TYPE_CHECKING:
+    from ..inference.kv_cache import LatentCache
 
 
 class _MlpHolder(nn.Module):
@@ -51,10 +56,12 @@ class MTPLayer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
+        cache: LatentCache | None = None,
+        start: int = 0,
     ) -> torch.Tensor:
-        """embeds, hidden [B, T, H] -> [B, T, H]."""
+        """embeds, hidden [B, T, H] -> [B, T, H]. A cache for the MTP layer has one sublayer of its own."""
         z = self.eh_proj(torch.cat((self.enorm["m"](embeds), self.hnorm["m"](hidden)), dim=-1))
-        z = z + self.self_attn(self.input_layernorm(z), cos, sin, attn_mask)
+        z = z + self.self_attn(self.input_layernorm(z), cos, sin, attn_mask, cache, 0, start)
         return z + self.transformer_layer.mlp(self.post_attention_layernorm(z))
 
 
@@ -72,7 +79,9 @@ class MTP(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
+        cache: LatentCache | None = None,
+        start: int = 0,
     ) -> torch.Tensor:
         """next_ids [B, T] (t_{i+1}), hidden [B, T, H] (h_i) -> normed MTP hidden [B, T, H]."""
-        z = self.layers[0](self.embed_tokens(next_ids), hidden, cos, sin, attn_mask)
+        z = self.layers[0](self.embed_tokens(next_ids), hidden, cos, sin, attn_mask, cache, start)
         return self.norm(z)

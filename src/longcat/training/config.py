@@ -37,14 +37,19 @@ class TrainConfig:
     grad_clip: float = 1.0
     # expert-bias budget controller (paper Eq. 2)
     target_ffn_experts: float | None = None  # K_e; None: the uniform share K * N / (N + Z)
-    bias_update_rate: float = 0.05  # mu
+    bias_update_rate: float = 0.3  # mu (probabilities are ~1/E, so the per-step share errors are small)
     bias_rate_final_ratio: float = 0.2  # mu decays linearly to this share of itself (paper: decay helps)
+    bias_balance_rate: float | None = 0.05  # rate of Eq. 2's load-evening part; None: mu (Eq. 2 as written)
     # losses
-    lb_alpha: float = 0.01  # device-level balance loss with the zero-expert group (Eqs. 3-5)
+    lb_alpha: float = 0.001  # device-level balance loss with the zero-expert group (Eqs. 3-5)
     lb_groups: int = 1  # D: groups of FFN experts (one per expert-parallel device)
     z_loss_weight: float = 1e-6  # hidden z-loss (Eq. 10)
     mtp_weight: float = 0.3
     mtp_start_step: int | None = None  # None: a quarter into the run (the paper adds MTP late)
+    # MTP self-distillation: KL(main model's prediction of token i+2 || the MTP's), weight below. Not in
+    # the paper (its MTP learns from the data alone); it trains the draft to agree with the model it
+    # drafts for, which is what speculative acceptance measures. 0 turns it off.
+    mtp_distill_weight: float = 0.3
     # bookkeeping
     seed: int = 0
     deterministic: bool = False
@@ -99,7 +104,8 @@ class TrainConfig:
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> TrainConfig:
         try:
-            data = json.loads(open(path, encoding="utf-8").read())
+            with open(path, encoding="utf-8") as handle:
+                data = json.load(handle)
         except (OSError, json.JSONDecodeError) as err:
             raise ConfigError(f"cannot read training config {path}: {err}") from err
         return cls.from_dict(data)

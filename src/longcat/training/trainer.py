@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -70,7 +71,9 @@ def _to(batch: Batch, device: torch.device) -> Batch:
     if device.type == "cpu":
         return batch
     move = lambda t: None if t is None else t.to(device, non_blocking=True)
-    return Batch(*(move(getattr(batch, f)) for f in ("input_ids", "targets", "document_ids", "position_ids", "next_targets")))
+    return Batch(
+        *(move(getattr(batch, f)) for f in ("input_ids", "targets", "document_ids", "position_ids", "next_targets"))
+    )
 
 
 def _tensorboard_writer(path: Path):  # noqa: ANN202 - SummaryWriter | None
@@ -145,7 +148,7 @@ class Trainer:
         self.K_e = cfg.target_ffn_experts or self.config.target_ffn_experts
         self.controller = BudgetController(
             self.config.n_routed_experts, self.config.moe_topk, self.K_e, cfg.bias_update_rate,
-            cfg.bias_rate_final_ratio, cfg.max_steps,
+            cfg.bias_rate_final_ratio, cfg.max_steps, cfg.bias_balance_rate,
         )  # fmt: skip
         stream = TokenStream(self.data_dir / "train.bin", self.meta["dtype"])
         self.loader = PackedLoader(stream, cfg.seq_len, cfg.batch_size, cfg.seed, cfg.doc_masking)
@@ -185,6 +188,12 @@ class Trainer:
         if use_mtp:
             parts["mtp"] = F.cross_entropy(out.mtp_logits.reshape(-1, V).float(), batch.next_targets.reshape(-1))
             total = total + cfg.mtp_weight * parts["mtp"]
+            if cfg.mtp_distill_weight > 0:
+                target = out.logits[:, 1:].detach().float().log_softmax(-1)  # main's view of token i + 2
+                draft = out.mtp_logits.float().log_softmax(-1)
+                kl = F.kl_div(draft, target, log_target=True, reduction="none").sum(-1).mean()
+                parts["mtp_distill"] = kl
+                total = total + cfg.mtp_distill_weight * kl
         lb_terms, routings = [], []
         for moe in self.model.moe_layers():
             routing = moe.last_routing
@@ -202,7 +211,7 @@ class Trainer:
         set_lr(self.optimizer, lr)
         use_mtp = config.num_nextn_predict_layers > 0 and self.step >= cfg.mtp_start and cfg.mtp_weight > 0
         start = time.perf_counter()
-        sums = {"lm": 0.0, "mtp": 0.0, "lb": 0.0, "z": 0.0}
+        sums = {"lm": 0.0, "mtp": 0.0, "mtp_distill": 0.0, "lb": 0.0, "z": 0.0}
         layers = len(self.model.moe_layers())
         ffn_sum = torch.zeros(layers, dtype=torch.float64)
         ffn_sq = torch.zeros(layers, dtype=torch.float64)
@@ -259,6 +268,7 @@ class Trainer:
                 "step": self.step,
                 "loss": sums["lm"],
                 "mtp_loss": sums["mtp"] if use_mtp else None,
+                "mtp_distill_kl": sums["mtp_distill"] if use_mtp else None,
                 "lb_loss": sums["lb"],
                 "z_loss": sums["z"],
                 "lr": lr,
@@ -362,6 +372,20 @@ class Trainer:
         os.replace(tmp, final)
         return final
 
+    def _warn_on_balance_dominance(self, row: dict) -> None:
+        """Paper §3.1.3: keep R_g below 0.1 so the balance loss stays a regulariser. Warn on the first
+        log row above it and then every tenth such row, not on every step."""
+        rg = row.get("grad_norm_ratio")
+        if rg is None or not rg > 0.1:
+            return
+        self.rg_warnings = getattr(self, "rg_warnings", 0) + 1
+        if self.rg_warnings % 10 == 1:
+            warnings.warn(
+                f"step {row['step']}: gradient-norm ratio R_g = {rg:.3f} > 0.1: the balance loss dominates the "
+                f"router's gradient (paper Eq. 9); lower lb_alpha (now {self.cfg.lb_alpha:g})",
+                stacklevel=2,
+            )
+
     def _log(self, row: dict) -> None:
         with open(self.metrics_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
@@ -384,6 +408,7 @@ class Trainer:
                 row = self.train_step(monitor)
                 if row is not None:
                     self._log(row)
+                    self._warn_on_balance_dominance(row)
                     status = (
                         f"loss {row['loss']:.3f} | {row['tokens_per_s']:,.0f} tok/s | "
                         f"FFN experts/token {row['ffn_experts_mean']:.2f} (target {row['ffn_experts_target']:g})"

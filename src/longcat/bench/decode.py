@@ -1,0 +1,168 @@
+"""`longcat bench decode`: batch-1 decoding speed at 128 and 1024 tokens of context, ours (latent cache,
+absorbed MLA) against transformers' `generate` on the same weights, side by side; with a trained
+checkpoint also MTP speculative decoding against plain decoding and the draft acceptance rate.
+
+Decode speed is (N - 1) / (time for N new tokens - time for 1 new token): the prefill cancels out.
+Ours is measured eager and with `compile=True` (torch.compile'd static-shape decode steps);
+transformers' generate runs as it ships (eager, its dynamic cache).
+Without --checkpoint the model is the `small` preset with seeded random weights.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import LongcatConfig
+from ..model.lm import LongcatForCausalLM
+from .common import machine, transformers_twin, transformers_version
+
+
+def _best_time(fn, repeats: int) -> float:  # noqa: ANN001
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _decode_rate(generate, prompt: torch.Tensor, new_tokens: int, repeats: int) -> float:  # noqa: ANN001
+    """Tokens per second of decoding alone."""
+    one = _best_time(lambda: generate(prompt, 1), repeats)
+    full = _best_time(lambda: generate(prompt, new_tokens), repeats)
+    return (new_tokens - 1) / max(full - one, 1e-9)
+
+
+def _held_out_prompts(tokenizer, count: int, length: int) -> list[list[int]]:  # noqa: ANN001
+    """Openings of validation documents of the embedded corpus (held out from `longcat train`)."""
+    from ..data.corpus import embedded_documents
+    from ..data.prepare import split_documents
+
+    _, val = split_documents(list(embedded_documents()), 0.02)
+    prompts = []
+    for domain_docs in val.values():
+        for doc in domain_docs[: count // len(val)]:
+            ids = tokenizer.encode(doc.text)[:length]
+            if len(ids) >= 8:
+                prompts.append(ids)
+    return prompts
+
+
+def run(
+    checkpoint: str | None = None,
+    contexts: tuple[int, ...] = (128, 1024),
+    new_tokens: int = 64,
+    repeats: int = 3,
+    spec_prompts: int = 8,
+    draft_tokens: int = 1,
+) -> dict:
+    if checkpoint:
+        model = LongcatForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    else:
+        config = LongcatConfig.from_preset("small", max_position_embeddings=max(contexts) + new_tokens + 8)
+        model = LongcatForCausalLM(config, seed=0).eval()
+    V = model.config.vocab_size
+    result: dict = {
+        "checkpoint": checkpoint,
+        "new_tokens": new_tokens,
+        "transformers": transformers_version(),
+        "machine": machine(),
+        "tokens_per_s": {},
+    }
+    ours = lambda prompt, n: model.generate(prompt, max_new_tokens=n, eos_token_id=[])  # noqa: E731
+    ours_compiled = lambda prompt, n: model.generate(prompt, max_new_tokens=n, eos_token_id=[], compile=True)  # noqa: E731
+    twin = transformers_twin(model).eval() if result["transformers"] is not None else None
+    if twin is not None:
+
+        def theirs(prompt: torch.Tensor, n: int) -> torch.Tensor:
+            with torch.no_grad():
+                return twin.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+    for context in contexts:
+        if context + new_tokens > model.config.max_position_embeddings:
+            continue
+        prompt = torch.randint(3, V, (1, context), generator=torch.Generator().manual_seed(context))
+        ours_compiled(prompt, new_tokens)  # compile outside the timing
+        rates = {
+            "longcat": _decode_rate(ours, prompt, new_tokens, repeats),
+            "longcat_compiled": _decode_rate(ours_compiled, prompt, new_tokens, repeats),
+        }
+        if twin is not None:
+            rates["transformers"] = _decode_rate(theirs, prompt, new_tokens, repeats)
+            same = torch.equal(ours(prompt, 16), theirs(prompt, 16))
+            result[f"same_greedy_output_{context}"] = same
+            result[f"speedup_vs_transformers_{context}"] = rates["longcat_compiled"] / rates["transformers"]
+            result[f"speedup_vs_transformers_{context}_eager"] = rates["longcat"] / rates["transformers"]
+        result["tokens_per_s"][str(context)] = rates
+    if checkpoint and model.model.mtp is not None and (Path(checkpoint) / "tokenizer.json").is_file():
+        result.update(_speculative(model, checkpoint, new_tokens, spec_prompts, draft_tokens, repeats))
+    return result
+
+
+def _speculative(model, checkpoint: str, new_tokens: int, count: int, draft_tokens: int, repeats: int) -> dict:  # noqa: ANN001
+    """Plain vs MTP speculative greedy decoding over held-out prompts: same output, acceptance, speed."""
+    from ..inference.chat import CheckpointTokenizer
+    from ..inference.generate import GenerationStats
+
+    tokenizer = CheckpointTokenizer(checkpoint)
+    prompts = _held_out_prompts(tokenizer, count, 32)
+    stats = GenerationStats()
+    plain_time = spec_time = 0.0
+    identical = True
+    for prompt in prompts:
+        outputs: dict[str, torch.Tensor] = {}
+        plain_kwargs = {"max_new_tokens": new_tokens, "eos_token_id": []}
+        spec_kwargs = {**plain_kwargs, "speculative": "mtp", "num_draft_tokens": draft_tokens}
+        for name, kwargs in (("plain", plain_kwargs), ("spec", spec_kwargs)):
+            elapsed = _best_time(
+                lambda p=prompt, k=kwargs, n=name, o=outputs: o.__setitem__(n, model.generate([p], **k)), repeats
+            )
+            if name == "plain":
+                plain_time += elapsed
+            else:
+                spec_time += elapsed
+        model.generate([prompt], stats=stats, **spec_kwargs)
+        identical &= torch.equal(outputs["plain"], outputs["spec"])
+    return {
+        "speculative_prompts": len(prompts),
+        "draft_tokens": draft_tokens,
+        "acceptance_rate": stats.acceptance_rate,
+        "tokens_per_main_forward": stats.tokens_per_forward,
+        "plain_tokens_per_s": len(prompts) * new_tokens / plain_time,
+        "speculative_tokens_per_s": len(prompts) * new_tokens / spec_time,
+        "speculative_speedup": plain_time / spec_time,
+        "speculative_output_identical": identical,
+    }
+
+
+def report(result: dict) -> str:
+    lines = [
+        f"Batch-1 greedy decoding, {'checkpoint ' + result['checkpoint'] if result['checkpoint'] else 'small preset'}"
+    ]
+    for context, rates in result["tokens_per_s"].items():
+        line = (
+            f"  context {context:>5}: longcat {rates['longcat']:7.1f} tokens/s eager, "
+            f"{rates['longcat_compiled']:7.1f} compiled"
+        )
+        if "transformers" in rates:
+            line += (
+                f" | transformers {rates['transformers']:7.1f} | speed-up "
+                f"{result[f'speedup_vs_transformers_{context}_eager']:.2f}x eager, "
+                f"{result[f'speedup_vs_transformers_{context}']:.2f}x compiled"
+                f" | same output: {result[f'same_greedy_output_{context}']}"
+            )
+        lines.append(line)
+    if "acceptance_rate" in result:
+        lines.append(
+            f"  MTP speculative ({result['draft_tokens']} draft token(s), {result['speculative_prompts']} held-out "
+            f"prompts): acceptance {result['acceptance_rate']:.1%}, {result['tokens_per_main_forward']:.2f} tokens "
+            f"per main forward, {result['speculative_tokens_per_s']:.1f} vs {result['plain_tokens_per_s']:.1f} "
+            f"tokens/s plain: {result['speculative_speedup']:.2f}x (identical output: "
+            f"{result['speculative_output_identical']})"
+        )
+    m = result["machine"]
+    lines.append(f"{m['date']}, {m['cpu']}, {m['threads']} threads, torch {m['torch']}, {m['device']}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Inference: the latent KV cache, sampling, generation and MTP speculative decoding."""

@@ -1,0 +1,71 @@
+"""Prompt formatting and the checkpoint's tokenizer.
+
+LongCat's chat format (tokenizer_config.json of LongCat-Flash-Chat): an optional `SYSTEM:{system} `
+prefix, then rounds `[Round i] USER:{query} ASSISTANT:{answer}</longcat_s>` numbered from 0; the
+prompt for a new answer ends with `ASSISTANT:`. A checkpoint whose tokenizer_config.json carries its
+own `chat_template` is rendered with that template instead (needs jinja2, which transformers brings).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..checkpoint import CheckpointError
+
+END_OF_TURN = "</longcat_s>"
+
+
+def longcat_chat_prompt(messages: list[dict[str, str]]) -> str:
+    """messages: [{"role": "system" | "user" | "assistant", "content": ...}, ...] ending with a user turn."""
+    system = "".join(f"SYSTEM:{m['content']} " for m in messages if m["role"] == "system")
+    turns = [m for m in messages if m["role"] != "system"]
+    if not turns or turns[-1]["role"] != "user":
+        raise ValueError("a chat prompt must end with a user message")
+    out, round_index = [system], 0
+    for message in turns:
+        if message["role"] == "user":
+            out.append(f"[Round {round_index}] USER:{message['content']} ASSISTANT:")
+            round_index += 1
+        elif message["role"] == "assistant":
+            out.append(f"{message['content']}{END_OF_TURN}")
+        else:
+            raise ValueError(f"unknown chat role {message['role']!r}; use system, user or assistant")
+    return "".join(out)
+
+
+class CheckpointTokenizer:
+    """tokenizer.json (HF tokenizers) from a checkpoint directory, with its chat template if any."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        from tokenizers import Tokenizer
+
+        root = Path(directory)
+        path = root / "tokenizer.json"
+        if not path.is_file():
+            raise CheckpointError(
+                f"{root} has no tokenizer.json; copy the tokenizer the model was trained with into it "
+                "(`longcat train` writes one into final/ and every checkpoint)"
+            )
+        self.tokenizer = Tokenizer.from_file(str(path))
+        config_path = root / "tokenizer_config.json"
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        self.chat_template: str | None = config.get("chat_template")
+        self.bos_token: str | None = config.get("bos_token") if isinstance(config.get("bos_token"), str) else None
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def chat(self, messages: list[dict[str, str]]) -> str:
+        if self.chat_template:
+            try:
+                import jinja2
+            except ImportError as err:
+                raise CheckpointError("this tokenizer's chat_template needs jinja2: pip install jinja2") from err
+            template = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(self.chat_template)
+            return template.render(messages=messages, add_generation_prompt=True, bos_token=self.bos_token or "")
+        return longcat_chat_prompt(messages)

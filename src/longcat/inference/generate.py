@@ -1,0 +1,283 @@
+"""Generation with the latent KV cache: prefill on the naive MLA path, decode on the absorbed one.
+
+`stream_generate` yields new tokens as they are chosen; `generate` collects them and returns the ids
+including the prompt (the Hugging Face convention). Prompts of different lengths are left-padded;
+rows that reach an end-of-sequence token are padded from then on. MTP speculative decoding
+(`speculative="mtp"`) lives in speculative.py and is reached through the same two functions.
+
+Legend: B batch, P prompt tokens, V vocabulary, H hidden.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..model.lm import LongcatForCausalLM, build_attention_mask
+from .kv_cache import LatentCache, decode_mask
+from .sampling import SamplingParams, select
+
+
+class GenerationError(ValueError):
+    """A generation request cannot be served; the message names the problem."""
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    main_forwards: int = 0  # decode forwards of the main model after the prefill
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else float("nan")
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.new_tokens / max(self.main_forwards, 1)
+
+
+@dataclass
+class GenerationRequest:
+    input_ids: torch.Tensor  # [B, P] left-padded
+    attention_mask: torch.Tensor  # [B, P]
+    max_new_tokens: int
+    sampling: SamplingParams
+    eos_token_ids: list[int]
+    pad_token_id: int
+    generator: torch.Generator | None
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    compile: bool = False  # decode with torch.compile'd static-shape steps (CompiledDecoder)
+
+    def cache_tokens(self, needed: int) -> int:
+        """Cache length: exact in eager mode; rounded up to 256 when compiled, so one compiled graph
+        serves many request sizes."""
+        return -(-needed // 256) * 256 if self.compile else needed
+
+    def decoder(self, model: LongcatForCausalLM):  # noqa: ANN201 - a decode-step callable
+        if not self.compile:
+            return lambda tokens, positions, cache: decode_step(model, tokens, positions, cache)
+        decoder = _COMPILED.get(model)
+        if decoder is None:
+            decoder = _COMPILED[model] = CompiledDecoder(model)
+        return decoder
+
+
+def pad_prompts(
+    prompts: Sequence[Sequence[int]] | torch.Tensor, pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A list of token lists -> left-padded ids [B, P] and attention mask [B, P]."""
+    if isinstance(prompts, torch.Tensor):
+        ids = prompts if prompts.ndim == 2 else prompts.unsqueeze(0)
+        return ids, torch.ones_like(ids)
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise GenerationError("every prompt needs at least one token (an empty prompt was given)")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
+        mask[row, width - len(prompt) :] = 1
+    return ids, mask
+
+
+def build_request(
+    model: LongcatForCausalLM,
+    input_ids: Sequence[Sequence[int]] | torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    eos_token_id: int | list[int] | None,
+    seed: int | None,
+    extra_tokens: int = 0,
+) -> GenerationRequest:
+    config = model.config
+    pad = config.pad_token_id if config.pad_token_id is not None else 0
+    ids, mask = pad_prompts(input_ids, pad)
+    if attention_mask is not None:
+        mask = attention_mask
+    if ids.shape[1] == 0 or bool((mask.sum(-1) == 0).any()):
+        raise GenerationError("every prompt needs at least one token (an empty prompt was given)")
+    if max_new_tokens < 0:
+        raise GenerationError(f"max_new_tokens must be non-negative, got {max_new_tokens}")
+    total = int(mask.sum(-1).max()) + max_new_tokens
+    if total > config.max_position_embeddings:
+        raise GenerationError(
+            f"prompt ({int(mask.sum(-1).max())} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
+            f"the model's max_position_embeddings ({config.max_position_embeddings}); shorten one of them"
+        )
+    if int(ids.max()) >= config.vocab_size or int(ids.min()) < 0:
+        raise GenerationError(f"prompt token ids must lie in [0, {config.vocab_size})")
+    eos = (
+        config.eos_token_ids
+        if eos_token_id is None
+        else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    )
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(seed)
+    sampling = SamplingParams(do_sample, temperature, top_k, top_p).validate()
+    device = model.device
+    return GenerationRequest(ids.to(device), mask.to(device), max_new_tokens, sampling, eos, pad, generator)
+
+
+@torch.no_grad()
+def prefill(
+    model: LongcatForCausalLM, ids: torch.Tensor, mask: torch.Tensor, cache: LatentCache
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the prompt through the model on the naive path, filling the cache.
+    Returns normed hidden states [B, P, H] and each row's next position [B]."""
+    P = ids.shape[1]
+    cache.reserve(P, mask.bool())
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    attn = build_attention_mask(mask, None, P, ids.device)
+    hidden, _ = model.model(ids, positions, attn, cache, 0)
+    return model.model.norm(hidden), mask.sum(-1)
+
+
+@torch.no_grad()
+def decode_step(
+    model: LongcatForCausalLM, tokens: torch.Tensor, positions: torch.Tensor, cache: LatentCache
+) -> torch.Tensor:
+    """tokens [B, T] at positions [B, T] after the cached ones -> normed hidden [B, T, H] (absorbed MLA)."""
+    start, _ = cache.reserve(tokens.shape[1])
+    hidden, _ = model.model(tokens, positions, decode_mask(cache, start, tokens.shape[1]), cache, start)
+    return model.model.norm(hidden)
+
+
+@torch.no_grad()
+def stream_plain(model: LongcatForCausalLM, request: GenerationRequest) -> Iterator[torch.Tensor]:
+    """Yields the next token of every row, [B], until max_new_tokens or every row has ended."""
+    ids, mask, stats = request.input_ids, request.attention_mask, request.stats
+    B = ids.shape[0]
+    stats.prompt_tokens = int(mask.sum())
+    if request.max_new_tokens == 0:
+        return
+    cache = LatentCache(
+        model.config, B, request.cache_tokens(ids.shape[1] + request.max_new_tokens), model.device, model.dtype
+    )
+    step_fn = request.decoder(model)
+    normed, positions = prefill(model, ids, mask, cache)
+    logits = model.lm_head(normed[:, -1])  # [B, V]
+    eos = torch.tensor(request.eos_token_ids, device=ids.device, dtype=torch.long)
+    finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
+    for step in range(request.max_new_tokens):
+        token = select(logits, request.sampling, request.generator)
+        token = torch.where(finished, request.pad_token_id, token)
+        stats.new_tokens += int((~finished).sum())
+        yield token
+        finished |= torch.isin(token, eos)
+        if step == request.max_new_tokens - 1 or bool(finished.all()):
+            return
+        normed = step_fn(token[:, None], positions[:, None], cache)
+        stats.main_forwards += 1
+        positions = positions + 1
+        logits = model.lm_head(normed[:, -1])
+
+
+def stream_generate(
+    model: LongcatForCausalLM,
+    input_ids: Sequence[Sequence[int]] | torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | list[int] | None = None,
+    speculative: str | None = None,
+    num_draft_tokens: int = 1,
+    seed: int | None = None,
+    stats: GenerationStats | None = None,
+    compile: bool = False,
+) -> Iterator[torch.Tensor]:
+    """Yields new tokens [B, n] as they are chosen (n = 1 per step; up to num_draft_tokens + 1 per
+    main-model forward with speculative="mtp"). eos_token_id None uses the config's; [] never stops early."""
+    if speculative not in (None, "mtp"):
+        raise GenerationError(f"speculative must be None or 'mtp', got {speculative!r}")
+    extra = num_draft_tokens + 1 if speculative else 0
+    request = build_request(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,
+                            top_p, eos_token_id, seed, extra)  # fmt: skip
+    if stats is not None:
+        request.stats = stats
+    request.compile = compile
+    was_training = model.training
+    model.eval()
+    try:
+        if speculative == "mtp":
+            from .speculative import stream_speculative
+
+            yield from stream_speculative(model, request, num_draft_tokens)
+        else:
+            for token in stream_plain(model, request):
+                yield token[:, None]
+    finally:
+        model.train(was_training)
+
+
+def generate(
+    model: LongcatForCausalLM,
+    input_ids: Sequence[Sequence[int]] | torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    stats: GenerationStats | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """The prompt ids (left-padded [B, P]) followed by the new tokens [B, n]."""
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    ids, mask = pad_prompts(input_ids, pad)
+    if attention_mask is not None:
+        mask = attention_mask
+    chunks = list(stream_generate(model, ids, mask, stats=stats, **kwargs))
+    ids = ids.to(model.device)
+    if kwargs.get("speculative") == "mtp":
+        ids = ids[:, mask[0].bool().to(ids.device)]
+    return torch.cat((ids, *chunks), dim=1) if chunks else ids
+
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class CompiledDecoder:
+    """torch.compile'd decode steps over a static-shape cache (gpt-fast style): every step attends over the
+    whole preallocated cache under a mask, writes at tensor positions, and runs the MoE on its
+    static-shape path, so each distinct step width compiles once. Decoding at batch 1 is bound by
+    per-operator overhead, which the compiled graph removes."""
+
+    def __init__(self, model: LongcatForCausalLM) -> None:
+        self.model = model
+        self._step = torch.compile(self._forward, dynamic=False)
+        self._mtp_step = torch.compile(self._mtp_forward, dynamic=False)
+
+    def _mtp_forward(self, next_ids, hidden, cache_positions, cache):  # noqa: ANN001, ANN202
+        from .kv_cache import static_decode_mask
+
+        mask = static_decode_mask(cache, cache_positions)
+        cos, sin = self.model.model.rotary_emb(cache_positions[None], hidden.dtype)
+        return self.model.model.mtp(next_ids, hidden, cos, sin, mask, cache, cache_positions)
+
+    @torch.no_grad()
+    def mtp(self, next_ids: torch.Tensor, hidden: torch.Tensor, cache: LatentCache) -> torch.Tensor:
+        """The MTP layer over T pairs after its cached ones (never the first, prefill call)."""
+        start, end = cache.reserve(next_ids.shape[1])
+        return self._mtp_step(next_ids, hidden, torch.arange(start, end, device=next_ids.device), cache)
+
+    def _forward(self, tokens, positions, cache_positions, cache):  # noqa: ANN001, ANN202
+        from .kv_cache import static_decode_mask
+
+        mask = static_decode_mask(cache, cache_positions)
+        hidden, _ = self.model.model(tokens, positions, mask, cache, cache_positions)
+        return self.model.model.norm(hidden)
+
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: LatentCache) -> torch.Tensor:
+        start, end = cache.reserve(tokens.shape[1])
+        cache_positions = torch.arange(start, end, device=tokens.device)
+        return self._step(tokens, positions, cache_positions, cache)

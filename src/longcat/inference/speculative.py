@@ -1,0 +1,140 @@
+"""MTP speculative decoding (paper §6.1.2; about 90% acceptance at scale), for one sequence.
+
+Each round: the MTP module drafts k tokens (the first from the main model's last hidden state, the rest
+chaining its own hidden state), the main model verifies them all in one forward, and the longest
+acceptable prefix is kept plus one token from the main model (the correction, or a bonus when every
+draft was accepted). Greedy: a draft is accepted when it is the main model's argmax, so the output is
+exactly greedy decoding. Sampling: the standard rejection rule (accept d with probability
+min(1, p(d) / q(d)), else draw from normalise(max(p - q, 0))), so the output distribution is the main
+model's. Both caches roll back past rejected tokens by moving their length.
+
+Bookkeeping, with m tokens in the main cache and t_m chosen but not yet run through it: the MTP cache
+holds true entries (main hidden h_i, token t_{i+1}) for positions below `mtp_len`; `pending_hidden`
+[1, m - mtp_len, H] and `pending_next` [1, m - mtp_len] are the pairs it has not seen yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from ..model.lm import LongcatForCausalLM, build_attention_mask
+from .generate import GenerationError, GenerationRequest, prefill
+from .kv_cache import LatentCache, decode_mask
+from .sampling import SamplingParams, probabilities, select
+
+
+@torch.no_grad()
+def _mtp_forward(
+    model: LongcatForCausalLM, cache: LatentCache, next_ids: torch.Tensor, hidden: torch.Tensor, compiled=None
+) -> torch.Tensor:  # noqa: ANN001
+    """MTP over T pairs at the next cache positions: next_ids [1, T], hidden [1, T, H] -> normed z [1, T, H]."""
+    if compiled is not None and cache.length > 0:
+        return compiled.mtp(next_ids, hidden, cache)
+    T = next_ids.shape[1]
+    start, _ = cache.reserve(T)
+    positions = torch.arange(start, start + T, device=next_ids.device)[None]
+    cos, sin = model.model.rotary_emb(positions, hidden.dtype)
+    mask = build_attention_mask(None, None, T, next_ids.device) if start == 0 else decode_mask(cache, start, T)
+    return model.model.mtp(next_ids, hidden, cos, sin, mask, cache, start)
+
+
+def accept_drafts(
+    logits: torch.Tensor,
+    drafts: list[int],
+    draft_probs: list[torch.Tensor | None],
+    sampling: SamplingParams,
+    generator: torch.Generator | None,
+) -> tuple[int, torch.Tensor]:
+    """The verification rule. logits [k + 1, V] of the main model at the positions before each draft and
+    after the last; drafts (k ids) drawn from draft_probs (k tensors [V]). Returns how many drafts are
+    accepted and the main model's token that follows them (a correction or a bonus), [1]."""
+    for j, d in enumerate(drafts):
+        if not sampling.do_sample:
+            if int(logits[j].argmax()) != d:
+                return j, logits[j].argmax().view(1)
+            continue
+        p, q = probabilities(logits[j], sampling), draft_probs[j]
+        if float(torch.rand((), generator=generator, device=p.device)) >= float(p[d] / q[d]):
+            residual = (p - q).clamp(min=0)
+            return j, torch.multinomial(residual / residual.sum(), 1, generator=generator)
+    return len(drafts), select(logits[len(drafts)][None], sampling, generator)
+
+
+@torch.no_grad()
+def stream_speculative(
+    model: LongcatForCausalLM, request: GenerationRequest, num_draft_tokens: int
+) -> Iterator[torch.Tensor]:
+    """Yields chunks of new tokens [1, n] (n >= 1 per main-model forward)."""
+    if model.model.mtp is None:
+        raise GenerationError(
+            "speculative decoding needs MTP weights (model.mtp.*), and this checkpoint has none "
+            "(num_nextn_predict_layers = 0); generate without speculative='mtp'"
+        )
+    ids, mask, stats, sampling = request.input_ids, request.attention_mask, request.stats, request.sampling
+    if ids.shape[0] != 1:
+        raise GenerationError(f"speculative decoding serves one sequence at a time, got a batch of {ids.shape[0]}")
+    if num_draft_tokens < 1:
+        raise GenerationError(f"num_draft_tokens must be at least 1, got {num_draft_tokens}")
+    ids = ids[:, mask[0].bool()]  # one sequence: drop any padding
+    P, k = ids.shape[1], num_draft_tokens
+    stats.prompt_tokens = P
+    if request.max_new_tokens == 0:
+        return
+    size = request.cache_tokens(P + request.max_new_tokens + k + 1)
+    cache = LatentCache(model.config, 1, size, model.device, model.dtype)
+    step_fn = request.decoder(model)
+    compiled = step_fn if request.compile else None
+    mtp_cache = LatentCache(model.config, 1, size, model.device, model.dtype, sublayers=1)
+    eos = set(request.eos_token_ids)
+
+    normed, _ = prefill(model, ids, torch.ones_like(ids), cache)
+    token = select(model.lm_head(normed[:, -1]), sampling, request.generator)  # t_P
+    pending_hidden, pending_next = normed, torch.cat((ids[:, 1:], token[:, None]), dim=1)
+    emitted = 0
+    chunk = token[:, None]
+    while True:
+        room = request.max_new_tokens - emitted
+        chunk = chunk[:, :room]
+        hit = [j for j, t in enumerate(chunk[0].tolist()) if t in eos]
+        if hit:
+            chunk = chunk[:, : hit[0] + 1]
+        emitted += chunk.shape[1]
+        stats.new_tokens += chunk.shape[1]
+        yield chunk
+        if hit or emitted >= request.max_new_tokens:
+            return
+        m = cache.length  # t_m = chunk[-1] is chosen but not yet in the main cache
+        # draft k tokens with the MTP module
+        mtp_len = mtp_cache.length
+        z = _mtp_forward(model, mtp_cache, pending_next, pending_hidden, compiled)[:, -1:]
+        drafts, draft_probs = [], []
+        for j in range(k):
+            q_logits = model.lm_head(z[:, -1])  # [1, V]
+            if sampling.do_sample:
+                q = probabilities(q_logits, sampling)
+                d = torch.multinomial(q, 1, generator=request.generator).squeeze(-1)
+            else:  # greedy verification compares argmaxes; no draft distribution needed
+                q, d = None, q_logits.argmax(-1)
+            drafts.append(d)
+            draft_probs.append(q)
+            if j < k - 1:
+                z = _mtp_forward(model, mtp_cache, d[:, None], z, compiled)
+        mtp_cache.rollback(mtp_len + pending_next.shape[1])  # keep only the true entries
+        stats.drafted += k
+        # verify every draft in one forward of the main model: [t_m, d_1 .. d_k] at positions m .. m + k
+        verify = torch.cat((chunk[:, -1:], torch.stack(drafts, dim=1)), dim=1)  # [1, k + 1]
+        positions = torch.arange(m, m + k + 1, device=ids.device)[None]
+        normed = step_fn(verify, positions, cache)
+        stats.main_forwards += 1
+        logits = model.lm_head(normed)[0]  # [k + 1, V]
+        drafted = [int(d) for d in drafts]
+        probs = [None if q is None else q[0] for q in draft_probs]
+        accepted, next_token = accept_drafts(logits, drafted, probs, sampling, request.generator)
+        stats.accepted += accepted
+        cache.rollback(m + 1 + accepted)  # keep t_m and the accepted drafts
+        kept = verify[:, 1 : 1 + accepted]
+        chunk = torch.cat((kept, next_token.view(1, 1)), dim=1)
+        pending_hidden = normed[:, : accepted + 1]  # main hidden states at positions m .. m + accepted
+        pending_next = chunk  # the tokens that follow each of them

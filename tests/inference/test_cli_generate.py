@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from tests.conftest import tiny_train_config
+
+from longcat.cli import main
+from longcat.inference.chat import longcat_chat_prompt
+from longcat.training.trainer import train
+
+
+def test_longcat_chat_format() -> None:
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Bye?"},
+    ]
+    assert longcat_chat_prompt(messages) == (
+        "SYSTEM:Be brief. [Round 0] USER:Hi ASSISTANT:Hello</longcat_s>[Round 1] USER:Bye? ASSISTANT:"
+    )
+    with pytest.raises(ValueError, match="end with a user"):
+        longcat_chat_prompt(messages[:3])
+
+
+@pytest.fixture(scope="module")
+def trained(small_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    train(tiny_train_config(small_data, max_steps=3, eval_every=3, seq_len=64), out, progress=False)
+    return out / "final"
+
+
+def test_generate_cli_plain_chat_stream_speculative(trained, capsys) -> None:
+    assert main(["generate", str(trained), "--prompt", "In the beginning", "--max-new-tokens", "6"]) == 0
+    plain = capsys.readouterr().out
+    assert main(["generate", str(trained), "--prompt", "In the beginning", "--max-new-tokens", "6", "--stream"]) == 0
+    assert capsys.readouterr().out == plain
+    args = ["generate", str(trained), "--prompt", "In the beginning", "--max-new-tokens", "6", "--speculative"]
+    assert main([*args, "--stats"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == plain and "MTP acceptance" in captured.err
+    assert main(["generate", str(trained), "--prompt", "Hi", "--chat", "--system", "Be brief.", "--sample",
+                 "--seed", "1", "--max-new-tokens", "4"]) == 0  # fmt: skip
+
+
+def test_generate_cli_errors(trained, tmp_path, capsys) -> None:
+    assert main(["generate", str(trained), "--prompt", ""]) == 2
+    assert "empty" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2
+    assert "tokenizer.json" in capsys.readouterr().err
+    no_tok = tmp_path / "no_tok"
+    shutil.copytree(trained, no_tok)
+    (no_tok / "tokenizer.json").unlink()
+    assert main(["generate", str(no_tok), "--prompt", "x"]) == 2
+    assert "no tokenizer.json" in capsys.readouterr().err
+    assert main(["generate", str(trained), "--prompt", "x", "--max-new-tokens", "100000"]) == 2
+    assert "max_position_embeddings" in capsys.readouterr().err

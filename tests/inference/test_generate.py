@@ -1,0 +1,161 @@
+"""The latent cache, absorbed decode, generation and MTP speculative decoding against slow references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.conftest import perturb, random_tiny_config
+
+from longcat import LongcatForCausalLM
+from longcat.inference.generate import GenerationError, GenerationStats, decode_step, prefill
+from longcat.inference.kv_cache import LatentCache
+from longcat.model.attention import MLA
+
+
+def _model(seed: int = 0, **overrides) -> LongcatForCausalLM:
+    model = LongcatForCausalLM(random_tiny_config(seed, max_position_embeddings=64, **overrides), seed=seed).eval()
+    perturb(model, seed)
+    return model
+
+
+@pytest.mark.parametrize("split", [1, 5, 11])
+def test_cached_logits_equal_uncached_across_splits(split: int) -> None:
+    model = _model(1)
+    ids = torch.randint(0, model.config.vocab_size, (2, 14), generator=torch.Generator().manual_seed(split))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = LatentCache(model.config, 2, 20, "cpu", torch.float32)
+        normed, _ = prefill(model, ids[:, :split], torch.ones(2, split, dtype=torch.long), cache)
+        pieces = [model.lm_head(normed)]
+        t = split
+        while t < 14:  # decode in uneven chunks: 1 token, then 3, ...
+            n = 1 if t == split else 3
+            chunk = ids[:, t : t + n]
+            pieces.append(
+                model.lm_head(decode_step(model, chunk, torch.arange(t, t + chunk.shape[1]).expand(2, -1), cache))
+            )
+            t += chunk.shape[1]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-4)
+    assert (
+        cache.nbytes
+        == 2 * model.config.num_layers * 2 * 20 * (model.config.kv_lora_rank + model.config.qk_rope_head_dim) * 4
+    )
+
+
+def test_absorbed_equals_naive_attention() -> None:
+    config = random_tiny_config(2)
+    torch.manual_seed(0)
+    mla = MLA(config)
+    for p in mla.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    from longcat.model.norm_rope import RotaryEmbedding
+
+    rope = RotaryEmbedding(config.qk_rope_head_dim, config.rope_theta)
+    rope.reset_parameters()
+    x = torch.randn(2, 9, config.hidden_size)
+    cos, sin = rope(torch.arange(9).expand(2, 9), torch.float32)
+    q_nope, q_rope = mla.query(x, cos, sin)
+    latent, k_rope = mla.latent(x, cos, sin)
+    with torch.no_grad():
+        naive = mla.naive(q_nope, q_rope, latent, k_rope, None)
+        absorbed = mla.absorbed(q_nope, q_rope, latent, k_rope, None)
+    torch.testing.assert_close(absorbed, naive, rtol=1e-4, atol=1e-5)
+
+
+def _greedy_reference(model: LongcatForCausalLM, ids: list[int], steps: int) -> list[int]:
+    """Re-run the whole sequence without a cache for every new token."""
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(steps):
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq
+
+
+def test_greedy_generation_matches_uncached_reference_and_batches() -> None:
+    model = _model(3)
+    prompts = [[5, 9, 2, 7, 11], [4, 8]]
+    out = model.generate(prompts, max_new_tokens=8, eos_token_id=[])
+    assert out.shape == (2, 5 + 8)
+    for row, prompt in enumerate(prompts):
+        expected = _greedy_reference(model, prompt, 8)
+        assert out[row, 5 - len(prompt) :].tolist() == expected
+
+
+def test_eos_stops_and_pads() -> None:
+    model = _model(4)
+    prompt = [3, 6, 9]
+    free = model.generate([prompt], max_new_tokens=6, eos_token_id=[])[0, 3:].tolist()
+    stop = free[2]
+    out = model.generate([prompt, prompt[:2]], max_new_tokens=6, eos_token_id=stop)
+    assert out[0, 3:].tolist()[: free.index(stop) + 1] == free[: free.index(stop) + 1]
+    assert out.shape[1] <= 3 + 6
+
+
+@pytest.mark.parametrize("drafts", [1, 3])
+def test_greedy_speculative_equals_plain_greedy(drafts: int) -> None:
+    model = _model(5)
+    prompt = [7, 1, 8, 2, 8, 1, 8]
+    plain = model.generate([prompt], max_new_tokens=20, eos_token_id=[])
+    stats = GenerationStats()
+    spec = model.generate([prompt], max_new_tokens=20, eos_token_id=[], speculative="mtp", num_draft_tokens=drafts,
+                          stats=stats)  # fmt: skip
+    assert torch.equal(spec, plain)
+    assert stats.new_tokens == 20 and stats.drafted > 0 and stats.main_forwards < 20
+
+
+@pytest.mark.slow
+def test_compiled_decoding_matches_eager() -> None:
+    model = _model(10, hidden_size=48, expert_ffn_hidden_size=16)
+    prompt = [7, 1, 8, 2, 8]
+    eager = model.generate([prompt], max_new_tokens=12, eos_token_id=[])
+    assert torch.equal(model.generate([prompt], max_new_tokens=12, eos_token_id=[], compile=True), eager)
+    spec = model.generate([prompt], max_new_tokens=12, eos_token_id=[], compile=True, speculative="mtp")
+    assert torch.equal(spec, eager)
+
+
+def test_sampling_is_reproducible_with_a_seed() -> None:
+    model = _model(6)
+    kwargs = dict(max_new_tokens=12, do_sample=True, temperature=0.9, top_k=20, top_p=0.9, eos_token_id=[])
+    a = model.generate([[1, 2, 3]], seed=11, **kwargs)
+    b = model.generate([[1, 2, 3]], seed=11, **kwargs)
+    c = model.generate([[1, 2, 3]], seed=12, **kwargs)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    s1 = model.generate([[1, 2, 3]], seed=3, speculative="mtp", num_draft_tokens=2, **kwargs)
+    s2 = model.generate([[1, 2, 3]], seed=3, speculative="mtp", num_draft_tokens=2, **kwargs)
+    assert torch.equal(s1, s2)
+
+
+def test_rejection_rule_keeps_the_main_distribution() -> None:
+    """Draft d ~ q, accept with min(1, p(d)/q(d)), else draw from normalise(max(p - q, 0)): the emitted
+    token follows p, however far q is from it."""
+    from longcat.inference.sampling import SamplingParams
+    from longcat.inference.speculative import accept_drafts
+
+    g = torch.Generator().manual_seed(0)
+    p_logits = torch.randn(2, 6, generator=g) * 2
+    q = torch.softmax(torch.randn(6, generator=g) * 2, -1)
+    params = SamplingParams(do_sample=True)
+    p = p_logits[0].softmax(-1)
+    assert 0.5 * (p - q).abs().sum() > 0.3
+    counts = torch.zeros(6)
+    n = 20000
+    for _ in range(n):
+        d = int(torch.multinomial(q, 1, generator=g))
+        accepted, nxt = accept_drafts(p_logits, [d], [q], params, g)
+        counts[d if accepted == 1 else int(nxt)] += 1
+    assert 0.5 * (counts / n - p).abs().sum() < 0.02
+    greedy = SamplingParams()
+    assert accept_drafts(p_logits, [int(p_logits[0].argmax())], [q], greedy, g)[0] == 1
+
+
+def test_bad_requests_are_named() -> None:
+    model = _model(8)
+    with pytest.raises(GenerationError, match="empty prompt"):
+        model.generate([[]], max_new_tokens=2)
+    with pytest.raises(GenerationError, match="max_position_embeddings"):
+        model.generate([[1, 2, 3]], max_new_tokens=100)
+    no_mtp = _model(9, num_nextn_predict_layers=0)
+    with pytest.raises(GenerationError, match="MTP weights"):
+        no_mtp.generate([[1, 2]], max_new_tokens=2, speculative="mtp")
+    with pytest.raises(GenerationError, match="one sequence"):
+        model.generate([[1, 2], [3, 4]], max_new_tokens=2, speculative="mtp")
