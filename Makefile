@@ -14,11 +14,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# trains the tiny preset on the embedded corpus (about 6.5 minutes on 2 CPU cores), then plots the run
+# trains the tiny preset on the embedded corpus (about 8 minutes on 2 CPU cores), plots the run and
+# samples from the trained model, plainly and with MTP speculative decoding
 demo: $(STAMP)
 	rm -rf runs/demo
 	$(VENV)/bin/longcat train --out runs/demo
 	$(VENV)/bin/longcat plot runs/demo
+	$(VENV)/bin/longcat generate runs/demo/final --prompt "And God said unto Moses," --max-new-tokens 48 --stats
+	$(VENV)/bin/longcat generate runs/demo/final --prompt "The os.path module" --max-new-tokens 48 --speculative --stats
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests
