@@ -91,7 +91,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .bench import decode
 
         result = decode.run(
-            checkpoint=args.checkpoint, repeats=max(1, args.rounds // 4), draft_tokens=args.draft_tokens
+            checkpoint=args.checkpoint, repeats=max(2, args.rounds // 2), draft_tokens=args.draft_tokens
         )
         print(json.dumps(result, indent=2) if args.json else decode.report(result))
         return 0
