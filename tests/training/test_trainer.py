@@ -125,7 +125,9 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(small_data, tmp_path, mo
 
 
 def test_dominant_balance_loss_warns_and_grad_accum_runs(small_data, tmp_path) -> None:
-    cfg = tiny_train_config(small_data, max_steps=2, log_every=1, lb_alpha=100.0, grad_accum=2, batch_size=2)
+    cfg = tiny_train_config(
+        small_data, max_steps=2, log_every=1, lb_alpha=100.0, grad_accum=2, batch_size=2, warmup_steps=1
+    )
     with pytest.warns(UserWarning, match="R_g"):
         train(cfg, tmp_path, progress=False)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -97,7 +97,6 @@ def build_request(
     top_p: float | None,
     eos_token_id: int | list[int] | None,
     seed: int | None,
-    extra_tokens: int = 0,
 ) -> GenerationRequest:
     config = model.config
     pad = config.pad_token_id if config.pad_token_id is not None else 0
@@ -203,9 +202,8 @@ def stream_generate(
     main-model forward with speculative="mtp"). eos_token_id None uses the config's; [] never stops early."""
     if speculative not in (None, "mtp"):
         raise GenerationError(f"speculative must be None or 'mtp', got {speculative!r}")
-    extra = num_draft_tokens + 1 if speculative else 0
     request = build_request(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,
-                            top_p, eos_token_id, seed, extra)  # fmt: skip
+                            top_p, eos_token_id, seed)  # fmt: skip
     if stats is not None:
         request.stats = stats
     request.compile = compile

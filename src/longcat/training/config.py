@@ -48,8 +48,9 @@ class TrainConfig:
     mtp_start_step: int | None = None  # None: a quarter into the run (the paper adds MTP late)
     # MTP self-distillation: KL(main model's prediction of token i+2 || the MTP's), weight below. Not in
     # the paper (its MTP learns from the data alone); it trains the draft to agree with the model it
-    # drafts for, which is what speculative acceptance measures. 0 turns it off.
-    mtp_distill_weight: float = 0.3
+    # drafts for, which is what speculative acceptance measures (default run: 87% at 1.0, 80% at 0.3,
+    # 34-44% without). 0 turns it off.
+    mtp_distill_weight: float = 1.0
     # bookkeeping
     seed: int = 0
     deterministic: bool = False

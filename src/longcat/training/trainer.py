@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -121,7 +122,7 @@ class Trainer:
                 load_meta(self.data_dir)  # raises the clear error
             prepare(self.data_dir)
         self.meta = load_meta(self.data_dir)
-        self.tokenizer_files = [p for p in (self.data_dir / "tokenizer.json", self.data_dir / "tokenizer_config.json")]
+        self.tokenizer_files = [self.data_dir / "tokenizer.json", self.data_dir / "tokenizer_config.json"]
 
         existing = list_checkpoints(self.ckpt_root)
         if existing and not resume:
@@ -358,25 +359,21 @@ class Trainer:
     def export_final(self) -> Path:
         final = self.out / "final"
         tmp = self.out / ".final.tmp"
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
         self.model.save_pretrained(tmp, zero_expert_stubs=self.cfg.export_zero_expert_stubs)
         for file in self.tokenizer_files:
-            (tmp / file.name).write_bytes(file.read_bytes())
+            shutil.copy2(file, tmp / file.name)
         if final.exists():
-            import shutil
-
             shutil.rmtree(final)
         os.replace(tmp, final)
         return final
 
     def _warn_on_balance_dominance(self, row: dict) -> None:
         """Paper §3.1.3: keep R_g below 0.1 so the balance loss stays a regulariser. Warn on the first
-        log row above it and then every tenth such row, not on every step."""
+        log row above it after warmup (at initialisation the LM gradient reaching the router is tiny,
+        so R_g starts high in every run) and then every tenth such row."""
         rg = row.get("grad_norm_ratio")
-        if rg is None or not rg > 0.1:
+        if rg is None or not rg > 0.1 or row["step"] <= self.cfg.warmup_steps:
             return
         self.rg_warnings = getattr(self, "rg_warnings", 0) + 1
         if self.rg_warnings % 10 == 1:
