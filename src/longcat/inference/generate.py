@@ -61,7 +61,12 @@ class GenerationRequest:
 
     def decoder(self, model: LongcatForCausalLM):  # noqa: ANN201 - a decode-step callable
         if not self.compile:
-            return lambda tokens, positions, cache: decode_step(model, tokens, positions, cache)
+
+            def eager(tokens: torch.Tensor, positions: torch.Tensor, cache: LatentCache):  # noqa: ANN202
+                normed = decode_step(model, tokens, positions, cache)
+                return normed, model.lm_head(normed)
+
+            return eager
         decoder = _COMPILED.get(model)
         if decoder is None:
             decoder = _COMPILED[model] = CompiledDecoder(model)
@@ -176,10 +181,10 @@ def stream_plain(model: LongcatForCausalLM, request: GenerationRequest) -> Itera
         finished |= torch.isin(token, eos)
         if step == request.max_new_tokens - 1 or bool(finished.all()):
             return
-        normed = step_fn(token[:, None], positions[:, None], cache)
+        _, logits = step_fn(token[:, None], positions[:, None], cache)
         stats.main_forwards += 1
         positions = positions + 1
-        logits = model.lm_head(normed[:, -1])
+        logits = logits[:, -1]
 
 
 def stream_generate(
@@ -272,10 +277,14 @@ class CompiledDecoder:
 
         mask = static_decode_mask(cache, cache_positions)
         hidden, _ = self.model.model(tokens, positions, mask, cache, cache_positions)
-        return self.model.model.norm(hidden)
+        normed = self.model.model.norm(hidden)
+        return normed, self.model.lm_head(normed)
 
     @torch.no_grad()
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: LatentCache) -> torch.Tensor:
+    def __call__(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: LatentCache
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [B, T] -> normed hidden states [B, T, H] and logits [B, T, V]."""
         start, end = cache.reserve(tokens.shape[1])
         cache_positions = torch.arange(start, end, device=tokens.device)
         return self._step(tokens, positions, cache_positions, cache)

@@ -126,9 +126,9 @@ def stream_speculative(
         # verify every draft in one forward of the main model: [t_m, d_1 .. d_k] at positions m .. m + k
         verify = torch.cat((chunk[:, -1:], torch.stack(drafts, dim=1)), dim=1)  # [1, k + 1]
         positions = torch.arange(m, m + k + 1, device=ids.device)[None]
-        normed = step_fn(verify, positions, cache)
+        normed, logits = step_fn(verify, positions, cache)
         stats.main_forwards += 1
-        logits = model.lm_head(normed)[0]  # [k + 1, V]
+        logits = logits[0]  # [k + 1, V]
         drafted = [int(d) for d in drafts]
         probs = [None if q is None else q[0] for q in draft_probs]
         accepted, next_token = accept_drafts(logits, drafted, probs, sampling, request.generator)
