@@ -56,3 +56,15 @@ def test_generate_cli_errors(trained, tmp_path, capsys) -> None:
     assert "no tokenizer.json" in capsys.readouterr().err
     assert main(["generate", str(trained), "--prompt", "x", "--max-new-tokens", "100000"]) == 2
     assert "max_position_embeddings" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_decode_on_a_trained_checkpoint(trained, capsys) -> None:
+    pytest.importorskip("transformers")
+    from longcat.bench import decode
+
+    result = decode.run(checkpoint=str(trained), contexts=(16,), new_tokens=4, repeats=1, spec_prompts=2)
+    assert result["same_greedy_output_16"] is True
+    assert result["speedup_vs_transformers_16"] > 0 and result["speedup_vs_transformers_16_eager"] > 0
+    assert result["speculative_output_identical"] is True and 0 <= result["acceptance_rate"] <= 1
+    assert "MTP speculative" in decode.report(result)
