@@ -31,8 +31,10 @@ from ..model.router import Routing
 
 @dataclass
 class LayerBudget:
-    ffn_experts_per_token: float  # mean over the global batch
-    max_violation: float  # (max_i T_i - mean_i T_i) / mean_i T_i over FFN experts (DeepSeek's MaxVio)
+    """0-d tensors on the model's device (read them only when logging: reading syncs with it)."""
+
+    ffn_experts_per_token: torch.Tensor  # mean over the global batch
+    max_violation: torch.Tensor  # (max_i T_i - mean_i T_i) / mean_i T_i over FFN experts (DeepSeek's MaxVio)
 
 
 class BudgetController:
@@ -72,23 +74,23 @@ class BudgetController:
 
     @torch.no_grad()
     def step(self, moe_layers: list[MoE], step: int) -> list[LayerBudget]:
-        """Apply Eq. 2 to every layer from its accumulated counts, then clear the counts."""
+        """Apply Eq. 2 to every layer from its accumulated counts, then clear the counts. No host sync:
+        a layer that saw no tokens gets no update (its counts are all zero)."""
         rate, balance_rate = self.rate_at(step), self.balance_rate * self._decay(step)
         report = []
         for moe in moe_layers:
             router = moe.router
             counts = router.expert_counts
             tokens = counts.sum() / self.K  # every token fills K slots
-            if tokens <= 0:
-                report.append(LayerBudget(float("nan"), float("nan")))
-                continue
-            router.e_score_correction_bias.add_(self.bias_delta(counts, tokens, rate, balance_rate))
+            seen = (tokens > 0).float()
+            delta = self.bias_delta(counts, tokens.clamp(min=1e-9), rate, balance_rate)
+            router.e_score_correction_bias.add_(delta * seen)
             ffn = counts[: self.N]
             mean_load = ffn.mean()
             report.append(
                 LayerBudget(
-                    ffn_experts_per_token=float(ffn.sum() / tokens),
-                    max_violation=float((ffn.max() - mean_load) / mean_load) if mean_load > 0 else float("nan"),
+                    ffn_experts_per_token=ffn.sum() / tokens,
+                    max_violation=(ffn.max() - mean_load) / mean_load,
                 )
             )
             counts.zero_()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -212,12 +211,14 @@ class Trainer:
         set_lr(self.optimizer, lr)
         use_mtp = config.num_nextn_predict_layers > 0 and self.step >= cfg.mtp_start and cfg.mtp_weight > 0
         start = time.perf_counter()
-        sums = {"lm": 0.0, "mtp": 0.0, "mtp_distill": 0.0, "lb": 0.0, "z": 0.0}
+        # everything stays on the device until one sync per step (finiteness) and, on monitored
+        # steps, the reads that fill the metrics row
+        sums: dict[str, torch.Tensor] = {}
         layers = len(self.model.moe_layers())
-        ffn_sum = torch.zeros(layers, dtype=torch.float64)
-        ffn_sq = torch.zeros(layers, dtype=torch.float64)
+        ffn_sum = torch.zeros(layers, dtype=torch.float64, device=self.device)
+        ffn_sq = torch.zeros(layers, dtype=torch.float64, device=self.device)
         tokens = 0
-        finite = True
+        finite_t = torch.ones((), dtype=torch.bool, device=self.device)
         last_out, rg_inputs = None, None
         for micro in range(cfg.grad_accum):
             batch = _to(self.loader.next_batch(), self.device)
@@ -227,17 +228,18 @@ class Trainer:
                     routing.probs.retain_grad()
                 rg_inputs, last_out = routings, out
             (total / cfg.grad_accum).backward()
-            finite &= bool(torch.isfinite(total))
+            finite_t &= torch.isfinite(total.detach())
             for key, value in parts.items():
-                sums[key] += float(value.detach()) / cfg.grad_accum
-            with torch.no_grad():
-                for i, (routing, _f) in enumerate(routings):
-                    n = (routing.indices < config.n_routed_experts).sum(-1).double()
-                    ffn_sum[i] += n.sum().cpu()
-                    ffn_sq[i] += n.pow(2).sum().cpu()
+                sums[key] = sums.get(key, 0.0) + value.detach().float() / cfg.grad_accum
+            if monitor:
+                with torch.no_grad():
+                    for i, (routing, _f) in enumerate(routings):
+                        n = (routing.indices < config.n_routed_experts).sum(-1).double()
+                        ffn_sum[i] += n.sum()
+                        ffn_sq[i] += n.pow(2).sum()
             tokens += batch.num_tokens
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
-        finite &= math.isfinite(grad_norm)
+        grad_norm_t = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        finite = bool(finite_t & torch.isfinite(grad_norm_t))
         row = None
         if finite:
             small_share = small_gradient_share(self.model, cfg.adam_eps) if monitor else None
@@ -262,20 +264,21 @@ class Trainer:
                 )
             return None
         if monitor:
-            mean = ffn_sum / tokens
-            std = (ffn_sq / tokens - mean.pow(2)).clamp(min=0).sqrt()
+            mean = (ffn_sum / tokens).cpu()
+            std = (ffn_sq.cpu() / tokens - mean.pow(2)).clamp(min=0).sqrt()
             h_max, h_l2 = hidden_stats(last_out.hidden_states)
+            value = {key: float(total) for key, total in sums.items()}
             row = {
                 "step": self.step,
-                "loss": sums["lm"],
-                "mtp_loss": sums["mtp"] if use_mtp else None,
-                "mtp_distill_kl": sums["mtp_distill"] if use_mtp else None,
-                "lb_loss": sums["lb"],
-                "z_loss": sums["z"],
+                "loss": value["lm"],
+                "mtp_loss": value.get("mtp"),
+                "mtp_distill_kl": value.get("mtp_distill"),
+                "lb_loss": value["lb"],
+                "z_loss": value["z"],
                 "lr": lr,
                 "tokens_per_s": tokens / elapsed,
                 "tokens_seen": self.tokens_seen,
-                "grad_norm": grad_norm,
+                "grad_norm": float(grad_norm_t),
                 "ffn_experts_mean": float(mean.mean()),
                 "ffn_experts_std": float(std.mean()),
                 "ffn_experts_target": self.K_e,
@@ -283,7 +286,7 @@ class Trainer:
                 "ffn_experts_std_per_layer": [float(x) for x in std],
                 "controller_error": float(mean.mean()) - self.K_e,
                 "bias_update_rate": self.controller.rate_at(self.step - 1),
-                "max_violation": max(b.max_violation for b in budget),
+                "max_violation": max(float(b.max_violation) for b in budget),
                 "router_cosine": router_cosine(self.model),
                 "grad_norm_ratio": rg,
                 "hidden_max_abs": h_max,
