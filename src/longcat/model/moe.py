@@ -12,6 +12,9 @@ experts add `x * (sum of their gate weights)`, drop experts add nothing.
 Host syncs: on CPU we read F once per layer (free there) and compute exactly F rows. On accelerators
 shapes stay static (all A rows; the grouped GEMM leaves rows past the last offset unwritten, so those
 rows are masked out on the way in and out) and nothing waits for the device.
+
+Decoding (A <= 64 slots) and torch.compile take `forward_gathered` instead: each slot's expert weights
+are gathered and run as batched matmuls, with no sort and static shapes.
 """
 
 from __future__ import annotations
