@@ -173,13 +173,15 @@ def stream_plain(model: LongcatForCausalLM, request: GenerationRequest) -> Itera
     logits = model.lm_head(normed[:, -1])  # [B, V]
     eos = torch.tensor(request.eos_token_ids, device=ids.device, dtype=torch.long)
     finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
+    alive = B  # rows still generating; read from the device once per step
     for step in range(request.max_new_tokens):
         token = select(logits, request.sampling, request.generator)
         token = torch.where(finished, request.pad_token_id, token)
-        stats.new_tokens += int((~finished).sum())
+        stats.new_tokens += alive
         yield token
         finished |= torch.isin(token, eos)
-        if step == request.max_new_tokens - 1 or bool(finished.all()):
+        alive = int((~finished).sum())
+        if step == request.max_new_tokens - 1 or alive == 0:
             return
         _, logits = step_fn(token[:, None], positions[:, None], cache)
         stats.main_forwards += 1

@@ -35,7 +35,7 @@ def _grouped_mm_available() -> bool:
         w = torch.ones(2, 4, 4)
         out = _grouped_mm(x, w, torch.tensor([1, 3], dtype=torch.int32))
         return bool(torch.all(out == 4))
-    except (RuntimeError, NotImplementedError, TypeError):
+    except (RuntimeError, TypeError):  # the op exists but this build has no kernel for it
         return False
 
 
