@@ -113,6 +113,30 @@ def test_compiled_decoding_matches_eager() -> None:
     assert torch.equal(spec, eager)
 
 
+def test_compiled_decoder_copy_and_rebuild_on_weight_change() -> None:
+    """The compiled decoder runs a transposed-storage copy of the linear weights, sharing everything
+    else, and is rebuilt (not reused with stale frozen weights) once any weight changes in place."""
+    from longcat.inference.generate import GenerationRequest, _column_major_copy
+
+    model = _model(4)
+    copy = _column_major_copy(model)
+    for (name, ours), theirs in zip(model.named_parameters(), copy.parameters()):
+        assert torch.equal(ours, theirs), name
+        if "proj" in name and ours.ndim == 2:
+            assert theirs.t().is_contiguous() and theirs.data_ptr() != ours.data_ptr(), name
+        elif ours.ndim == 3:
+            assert theirs is ours, name
+    ids = torch.randint(0, model.config.vocab_size, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(copy(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    request = GenerationRequest(ids, torch.ones_like(ids), 4, None, [], 0, None, compile=True)  # type: ignore[arg-type]
+    first = request.decoder(model)
+    assert request.decoder(model) is first
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)
+    assert request.decoder(model) is not first
+
+
 def test_sampling_is_reproducible_with_a_seed() -> None:
     model = _model(6)
     kwargs = dict(max_new_tokens=12, do_sample=True, temperature=0.9, top_k=20, top_p=0.9, eos_token_id=[])

@@ -41,11 +41,16 @@ def test_grouped_matches_loop_values_and_grads(seed: int, static_shapes: bool, s
         torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)
 
 
-def test_gathered_decode_path_matches_loop() -> None:
+@pytest.mark.parametrize("path", ["forward_gathered", "forward_all_experts"])
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_decode_paths_match_loop(path: str, tokens: int) -> None:
     moe = _moe(4, n_routed_experts=7, zero_expert_num=3, moe_topk=3)
-    x = torch.randn(5, moe.router.classifier.in_features, requires_grad=True)
+    with torch.no_grad():  # a nonzero selection bias sends some slots to zero experts
+        moe.router.e_score_correction_bias[-1] = 0.05
+    x = torch.randn(tokens, moe.router.classifier.in_features, requires_grad=True)
     routing = moe.router(x)
-    fast = moe.experts.forward_gathered(x, routing.indices, routing.weights)
+    assert bool((routing.indices >= 7).any()) and bool((routing.indices < 7).any())
+    fast = getattr(moe.experts, path)(x, routing.indices, routing.weights)
     ref = experts_reference(moe.experts, x, routing.indices, routing.weights)
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=2e-5)
     g_fast = torch.autograd.grad(fast.sum(), [x, moe.experts.down_proj], retain_graph=True)

@@ -10,6 +10,7 @@ Legend: B batch, P prompt tokens, V vocabulary, H hidden.
 
 from __future__ import annotations
 
+import copy
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -64,11 +65,11 @@ class GenerationRequest:
 
             def eager(tokens: torch.Tensor, positions: torch.Tensor, cache: LatentCache):  # noqa: ANN202
                 normed = decode_step(model, tokens, positions, cache)
-                return normed, model.lm_head(normed)
+                return normed, lm_logits(model, normed)
 
             return eager
         decoder = _COMPILED.get(model)
-        if decoder is None:
+        if decoder is None or decoder.weights_version != weights_version(model):
             decoder = _COMPILED[model] = CompiledDecoder(model)
         return decoder
 
@@ -147,6 +148,18 @@ def prefill(
     return model.model.norm(hidden), mask.sum(-1)
 
 
+def lm_logits(model: LongcatForCausalLM, normed: torch.Tensor) -> torch.Tensor:
+    """normed [..., H] -> logits [..., V]. For 2-8 rows (a speculative verify step) the CPU GEMM runs
+    W @ x^T about 1.5x faster than x @ W^T (measured on the small preset's 8192 x 256 head); other
+    shapes and devices take the plain linear."""
+    rows = normed.numel() // normed.shape[-1]
+    head = model.lm_head
+    if not 2 <= rows <= 8 or normed.device.type != "cpu" or head.bias is not None:
+        return head(normed)
+    flat = normed.reshape(rows, normed.shape[-1])
+    return torch.mm(head.weight, flat.T).T.reshape(*normed.shape[:-1], -1)
+
+
 @torch.no_grad()
 def decode_step(
     model: LongcatForCausalLM, tokens: torch.Tensor, positions: torch.Tensor, cache: LatentCache
@@ -170,7 +183,7 @@ def stream_plain(model: LongcatForCausalLM, request: GenerationRequest) -> Itera
     )
     step_fn = request.decoder(model)
     normed, positions = prefill(model, ids, mask, cache)
-    logits = model.lm_head(normed[:, -1])  # [B, V]
+    logits = lm_logits(model, normed[:, -1])  # [B, V]
     eos = torch.tensor(request.eos_token_ids, device=ids.device, dtype=torch.long)
     finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
     alive = B  # rows still generating; read from the device once per step
@@ -250,16 +263,44 @@ def generate(
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def weights_version(model: torch.nn.Module) -> tuple[int, ...]:
+    """Changes whenever any parameter or buffer is modified in place (an optimizer step, a load): a
+    compiled decoder that froze the old weights is then rebuilt."""
+    return tuple(t._version for t in (*model.parameters(), *model.buffers()))
+
+
+def _column_major_copy(model: LongcatForCausalLM) -> LongcatForCausalLM:
+    """A copy of `model` for decoding: every nn.Linear weight holds the same values in transposed
+    storage (a [out, in] view of a contiguous [in, out] tensor); all other tensors are shared."""
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers()) if id(t) not in linear}
+    shadow = copy.deepcopy(model, memo)
+    for module in shadow.modules():
+        if isinstance(module, torch.nn.Linear) and module.weight.is_contiguous():
+            module.weight.data = module.weight.data.t().contiguous().t()
+    return shadow.eval()
+
+
 class CompiledDecoder:
     """torch.compile'd decode steps over a static-shape cache (gpt-fast style): every step attends over the
     whole preallocated cache under a mask, writes at tensor positions, and runs the MoE on its
     static-shape path, so each distinct step width compiles once. Decoding at batch 1 is bound by
-    per-operator overhead, which the compiled graph removes."""
+    per-operator overhead, which the compiled graph removes.
+
+    On the CPU three more things, measured on the small preset at 1024 tokens of context (3.8 -> 2.8 ms
+    a step) and the tiny one: Inductor freezes the weights (constant folding) and calls its kernels
+    from a generated C++ wrapper instead of Python; and the decoder runs a copy of the model whose
+    linear weights are stored transposed, since a one-row GEMM (x [1, in] @ W^T) reads a contiguous
+    [in, out] matrix about 1.8x faster than an [out, in] one. That copy and the frozen constants are a
+    snapshot, so the decoder is rebuilt when any weight changes (see `weights_version`)."""
 
     def __init__(self, model: LongcatForCausalLM) -> None:
-        self.model = model
-        self._step = torch.compile(self._forward, dynamic=False)
-        self._mtp_step = torch.compile(self._mtp_forward, dynamic=False)
+        self.weights_version = weights_version(model)
+        on_cpu = model.device.type == "cpu"
+        self.model = _column_major_copy(model) if on_cpu else model
+        options = {"freezing": True, "cpp_wrapper": True} if on_cpu else {}
+        self._step = torch.compile(self._forward, dynamic=False, options=options)
+        self._mtp_step = torch.compile(self._mtp_forward, dynamic=False, options=options)
 
     def _mtp_forward(self, next_ids, hidden, cache_positions, cache):  # noqa: ANN001, ANN202
         from .kv_cache import static_decode_mask

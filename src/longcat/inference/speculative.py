@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import torch
 
 from ..model.lm import LongcatForCausalLM, build_attention_mask
-from .generate import GenerationError, GenerationRequest, prefill
+from .generate import GenerationError, GenerationRequest, lm_logits, prefill
 from .kv_cache import LatentCache, decode_mask
 from .sampling import SamplingParams, probabilities, select
 
@@ -90,7 +90,7 @@ def stream_speculative(
     eos = set(request.eos_token_ids)
 
     normed, _ = prefill(model, ids, torch.ones_like(ids), cache)
-    token = select(model.lm_head(normed[:, -1]), sampling, request.generator)  # t_P
+    token = select(lm_logits(model, normed[:, -1]), sampling, request.generator)  # t_P
     pending_hidden, pending_next = normed, torch.cat((ids[:, 1:], token[:, None]), dim=1)
     emitted = 0
     chunk = token[:, None]
@@ -111,7 +111,7 @@ def stream_speculative(
         z = _mtp_forward(model, mtp_cache, pending_next, pending_hidden, compiled)[:, -1:]
         drafts, draft_probs = [], []
         for j in range(k):
-            q_logits = model.lm_head(z[:, -1])  # [1, V]
+            q_logits = lm_logits(model, z[:, -1])  # [1, V]
             if sampling.do_sample:
                 q = probabilities(q_logits, sampling)
                 d = torch.multinomial(q, 1, generator=request.generator).squeeze(-1)

@@ -134,13 +134,16 @@ class MLA(nn.Module):
         S = latent.shape[1]
         w = self.kv_b_proj.weight.view(n, self.nope_dim + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]  # [n, Dn, Rkv], [n, Dv, Rkv]
-        q_latent = torch.einsum("bntd,ndr->bntr", q_nope, w_uk)  # [B, n, T, Rkv]
-        scores = q_latent @ latent.unsqueeze(1).transpose(-1, -2)  # [B, n, T, S]
-        scores = scores + q_rope @ k_rope.unsqueeze(1).transpose(-1, -2)
+        # every head reads the same latent, so heads fold into the rows of one [B, n*T, .] matmul
+        # (a broadcast over heads would copy the whole cache once per head)
+        q_latent = torch.einsum("bntd,ndr->bntr", q_nope, w_uk).reshape(B, n * T, -1)  # [B, n*T, Rkv]
+        scores = torch.baddbmm(  # [B, n*T, S]
+            q_latent @ latent.transpose(1, 2), q_rope.reshape(B, n * T, -1), k_rope.transpose(1, 2)
+        ).view(B, n, T, S)
         scores = scores.float() * self.softmax_scale
         if attn_mask is None:
             attn_mask = torch.ones(T, S, dtype=torch.bool, device=scores.device).tril(diagonal=S - T)
         probs = scores.masked_fill(~attn_mask, float("-inf")).softmax(dim=-1).to(latent.dtype)
-        out_latent = probs @ latent.unsqueeze(1)  # [B, n, T, Rkv]
+        out_latent = (probs.view(B, n * T, S) @ latent).view(B, n, T, -1)  # [B, n, T, Rkv]
         out = torch.einsum("bntr,ndr->btnd", out_latent, w_uv)  # [B, T, n, Dv]
         return self.o_proj(out.reshape(B, T, n * self.v_dim))

@@ -13,8 +13,11 @@ Host syncs: on CPU we read F once per layer (free there) and compute exactly F r
 shapes stay static (all A rows; the grouped GEMM leaves rows past the last offset unwritten, so those
 rows are masked out on the way in and out) and nothing waits for the device.
 
-Decoding (A <= 64 slots) and torch.compile take `forward_gathered` instead: each slot's expert weights
-are gathered and run as batched matmuls, with no sort and static shapes.
+Decoding (A <= 64 slots) and torch.compile take one of two static-shape paths with no sort instead:
+`forward_all_experts` runs every expert on the few tokens (one GEMM over all stacked experts, gates
+zero for the unchosen) where that reads fewer weight bytes than gathering each slot's expert
+(3 A >= N: a gather reads, writes and re-reads A expert weight sets), else `forward_gathered`
+gathers each slot's expert weights and runs batched matmuls.
 """
 
 from __future__ import annotations
@@ -67,7 +70,8 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> t
 
 
 GROUPED_MM = _grouped_mm_available()
-GATHER_SLOTS = 64  # at most this many routing slots (T * K) take the gathered-weights path
+GATHER_SLOTS = 64  # at most this many routing slots (T * K) take a static-shape decode path
+ALL_EXPERTS_TOKENS = 8  # at most this many tokens run every expert (compute grows as T * N)
 
 
 class _GatherRows(torch.autograd.Function):
@@ -150,6 +154,8 @@ class Experts(nn.Module):
         if T == 0:
             return torch.zeros_like(x)
         if T * K <= GATHER_SLOTS or torch.compiler.is_compiling():
+            if 3 * T * K >= N and T <= ALL_EXPERTS_TOKENS:
+                return self.forward_all_experts(x, indices, weights)
             return self.forward_gathered(x, indices, weights)
         if static_shapes is None:
             static_shapes = x.device.type != "cpu" or torch.compiler.is_compiling()
@@ -190,6 +196,22 @@ class Experts(nn.Module):
         a = (F.silu(g) * u * gate.unsqueeze(-1)).unsqueeze(-1)  # [A, I, 1]
         y = torch.bmm(self.down_proj[slot_expert], a).squeeze(-1)  # [A, H]
         return y.view(T, K, -1).sum(dim=1)
+
+
+    def forward_all_experts(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Decode path for a few tokens over few experts: every expert runs on every token and the gates of
+        the unchosen ones are zero. Reads each expert's weights once, in place (no gather copies), so its
+        cost barely grows with T: the verify step of speculative decoding costs about a plain step."""
+        T, H = x.shape
+        N = self.num_experts
+        ffn_slot = indices < N
+        gate = x.new_zeros(T, N).scatter_add_(  # [T, N]; zero-expert slots add 0 to expert N - 1
+            1, indices.clamp(max=N - 1), (weights * ffn_slot).to(x.dtype)
+        )
+        h = F.linear(x, self.gate_up_proj.reshape(-1, H)).view(T, N, -1)  # [T, N, 2I]
+        g, u = h.chunk(2, dim=-1)
+        a = F.silu(g) * u * gate.unsqueeze(-1)  # [T, N, I]
+        return torch.bmm(a.transpose(0, 1), self.down_proj.transpose(1, 2)).sum(0)  # [N, T, H] -> [T, H]
 
 
 def experts_reference(experts: Experts, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
