@@ -197,7 +197,6 @@ class Experts(nn.Module):
         y = torch.bmm(self.down_proj[slot_expert], a).squeeze(-1)  # [A, H]
         return y.view(T, K, -1).sum(dim=1)
 
-
     def forward_all_experts(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Decode path for a few tokens over few experts: every expert runs on every token and the gates of
         the unchosen ones are zero. Reads each expert's weights once, in place (no gather copies), so its
