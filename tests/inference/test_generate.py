@@ -109,8 +109,14 @@ def test_compiled_decoding_matches_eager() -> None:
     prompt = [7, 1, 8, 2, 8]
     eager = model.generate([prompt], max_new_tokens=12, eos_token_id=[])
     assert torch.equal(model.generate([prompt], max_new_tokens=12, eos_token_id=[], compile=True), eager)
-    spec = model.generate([prompt], max_new_tokens=12, eos_token_id=[], compile=True, speculative="mtp")
+    # greedy speculation compiles one graph per round; two drafts also chain through the MTP layer
+    stats = GenerationStats()
+    spec = model.generate(
+        [prompt], max_new_tokens=12, eos_token_id=[], compile=True, speculative="mtp", num_draft_tokens=2,
+        stats=stats,
+    )  # fmt: skip
     assert torch.equal(spec, eager)
+    assert stats.drafted == 2 * stats.main_forwards and stats.new_tokens == 12
 
 
 def test_compiled_decoder_copy_and_rebuild_on_weight_change() -> None:
@@ -183,3 +189,15 @@ def test_bad_requests_are_named() -> None:
         no_mtp.generate([[1, 2]], max_new_tokens=2, speculative="mtp")
     with pytest.raises(GenerationError, match="one sequence"):
         model.generate([[1, 2], [3, 4]], max_new_tokens=2, speculative="mtp")
+
+
+def test_generated_ids_can_feed_training() -> None:
+    """Decoding runs in inference mode; what it hands out must still work in an autograd graph."""
+    model = _model(2)
+    for kwargs in ({}, {"speculative": "mtp"}):
+        ids = model.generate([[3, 4, 5]], max_new_tokens=3, eos_token_id=[], **kwargs)
+        chunk = next(iter(model.stream_generate([[3, 4, 5]], max_new_tokens=2, eos_token_id=[], **kwargs)))
+        assert not ids.is_inference() and not chunk.is_inference()
+        model.train()
+        model(ids, labels=ids).loss.backward()
+        model.eval()

@@ -134,7 +134,7 @@ def build_request(
     return GenerationRequest(ids.to(device), mask.to(device), max_new_tokens, sampling, eos, pad, generator)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def prefill(
     model: LongcatForCausalLM, ids: torch.Tensor, mask: torch.Tensor, cache: LatentCache
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,7 +160,7 @@ def lm_logits(model: LongcatForCausalLM, normed: torch.Tensor) -> torch.Tensor:
     return torch.mm(head.weight, flat.T).T.reshape(*normed.shape[:-1], -1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def decode_step(
     model: LongcatForCausalLM, tokens: torch.Tensor, positions: torch.Tensor, cache: LatentCache
 ) -> torch.Tensor:
@@ -170,7 +170,7 @@ def decode_step(
     return model.model.norm(hidden)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def stream_plain(model: LongcatForCausalLM, request: GenerationRequest) -> Iterator[torch.Tensor]:
     """Yields the next token of every row, [B], until max_new_tokens or every row has ended."""
     ids, mask, stats = request.input_ids, request.attention_mask, request.stats
@@ -233,10 +233,11 @@ def stream_generate(
         if speculative == "mtp":
             from .speculative import stream_speculative
 
-            yield from stream_speculative(model, request, num_draft_tokens)
+            for chunk in stream_speculative(model, request, num_draft_tokens):
+                yield chunk.clone()  # decoding runs in inference mode; hand out ordinary tensors
         else:
             for token in stream_plain(model, request):
-                yield token[:, None]
+                yield token[:, None].clone()
     finally:
         model.train(was_training)
 
@@ -298,9 +299,10 @@ class CompiledDecoder:
         self.weights_version = weights_version(model)
         on_cpu = model.device.type == "cpu"
         self.model = _column_major_copy(model) if on_cpu else model
-        options = {"freezing": True, "cpp_wrapper": True} if on_cpu else {}
-        self._step = torch.compile(self._forward, dynamic=False, options=options)
-        self._mtp_step = torch.compile(self._mtp_forward, dynamic=False, options=options)
+        self.options = {"freezing": True, "cpp_wrapper": True} if on_cpu else {}
+        self._step = torch.compile(self._forward, dynamic=False, options=self.options)
+        self._mtp_step = torch.compile(self._mtp_forward, dynamic=False, options=self.options)
+        self.fused_rounds: dict = {}  # draft count -> speculative.FusedGreedyRound
 
     def _mtp_forward(self, next_ids, hidden, cache_positions, cache):  # noqa: ANN001, ANN202
         from .kv_cache import static_decode_mask
@@ -309,7 +311,7 @@ class CompiledDecoder:
         cos, sin = self.model.model.rotary_emb(cache_positions[None], hidden.dtype)
         return self.model.model.mtp(next_ids, hidden, cos, sin, mask, cache, cache_positions)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def mtp(self, next_ids: torch.Tensor, hidden: torch.Tensor, cache: LatentCache) -> torch.Tensor:
         """The MTP layer over T pairs after its cached ones (never the first, prefill call)."""
         start, end = cache.reserve(next_ids.shape[1])
@@ -323,7 +325,7 @@ class CompiledDecoder:
         normed = self.model.model.norm(hidden)
         return normed, self.model.lm_head(normed)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(
         self, tokens: torch.Tensor, positions: torch.Tensor, cache: LatentCache
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,7 +25,7 @@ from .kv_cache import LatentCache, decode_mask
 from .sampling import SamplingParams, probabilities, select
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def _mtp_forward(
     model: LongcatForCausalLM, cache: LatentCache, next_ids: torch.Tensor, hidden: torch.Tensor, compiled=None
 ) -> torch.Tensor:  # noqa: ANN001
@@ -62,7 +62,7 @@ def accept_drafts(
     return len(drafts), select(logits[len(drafts)][None], sampling, generator)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def stream_speculative(
     model: LongcatForCausalLM, request: GenerationRequest, num_draft_tokens: int
 ) -> Iterator[torch.Tensor]:
@@ -92,6 +92,9 @@ def stream_speculative(
     normed, _ = prefill(model, ids, torch.ones_like(ids), cache)
     token = select(lm_logits(model, normed[:, -1]), sampling, request.generator)  # t_P
     pending_hidden, pending_next = normed, torch.cat((ids[:, 1:], token[:, None]), dim=1)
+    if request.compile and not sampling.do_sample:
+        yield from _stream_fused_greedy(model, request, k, cache, mtp_cache, pending_hidden, pending_next)
+        return
     emitted = 0
     chunk = token[:, None]
     while True:
@@ -138,3 +141,110 @@ def stream_speculative(
         chunk = torch.cat((kept, next_token.view(1, 1)), dim=1)
         pending_hidden = normed[:, : accepted + 1]  # main hidden states at positions m .. m + accepted
         pending_next = chunk  # the tokens that follow each of them
+
+
+def _causal_mask(positions: torch.Tensor, max_tokens: int) -> torch.Tensor:
+    """bool [1, 1, T, M]: the queries at cache positions [T] see every key at or before their own (one
+    sequence, no padding; entries past a query, stale or padded, stay hidden)."""
+    keys = torch.arange(max_tokens, device=positions.device)
+    return (keys[None, :] <= positions[:, None])[None, None]
+
+
+class FusedGreedyRound:
+    """A whole greedy speculation round as one compiled graph (compile=True, batch 1): the MTP layer over
+    the pending (main hidden, next token) pairs, k chained drafts by argmax, and the main model's verify
+    forward over [t_m, d_1 .. d_k] with its argmaxes. Separate compiled calls would each pay Dynamo's
+    guard check and the wrapper, which at these sizes cost as much as the drafting itself.
+
+    Static shapes: the pending pairs (1 .. k + 1 of them) arrive padded to k + 1. Padded pairs and
+    drafts are written to the caches past the true entries, where causal masks hide them until the
+    next round overwrites them, so rolling back is only a change of the lengths kept in Python."""
+
+    def __init__(self, decoder, k: int) -> None:  # noqa: ANN001 - a generate.CompiledDecoder
+        self.model = decoder.model
+        self.k = k
+        self._graph = torch.compile(self._forward, dynamic=False, options=decoder.options)
+
+    def _forward(self, last, pending_next, pending_hidden, pending_count, mtp_start, main_start, cache, mtp_cache):  # noqa: ANN001, ANN202, PLR0913
+        lm, k = self.model, self.k
+        span = torch.arange(k + 1, device=last.device)
+        positions = mtp_start + span  # [k + 1]
+        cos, sin = lm.model.rotary_emb(positions[None], pending_hidden.dtype)
+        mask = _causal_mask(positions, mtp_cache.max_tokens)
+        z = lm.model.mtp(pending_next, pending_hidden, cos, sin, mask, mtp_cache, positions)  # [1, k + 1, H]
+        z = z.index_select(1, (pending_count - 1).view(1))  # [1, 1, H] at the last true pair
+        drafts = []
+        for j in range(k):
+            drafts.append(lm.lm_head(z).argmax(-1))  # [1, 1]
+            if j < k - 1:
+                position = (mtp_start + pending_count + j).view(1)
+                cos, sin = lm.model.rotary_emb(position[None], z.dtype)
+                mask = _causal_mask(position, mtp_cache.max_tokens)
+                z = lm.model.mtp(drafts[-1], z, cos, sin, mask, mtp_cache, position)
+        tokens = torch.cat((last, *drafts), dim=1)  # [1, k + 1]
+        positions = main_start + span
+        hidden, _ = lm.model(tokens, positions[None], _causal_mask(positions, cache.max_tokens), cache, positions)
+        normed = lm.model.norm(hidden)
+        return tokens[:, 1:], lm.lm_head(normed).argmax(-1), normed
+
+    def __call__(self, *args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # noqa: ANN002
+        """-> drafts [1, k], the main model's argmax after each of [t_m, d_1 .. d_k] [1, k + 1], and its
+        normed hidden states there [1, k + 1, H]."""
+        return self._graph(*args)
+
+
+def _stream_fused_greedy(
+    model: LongcatForCausalLM,
+    request: GenerationRequest,
+    k: int,
+    cache: LatentCache,
+    mtp_cache: LatentCache,
+    pending_hidden: torch.Tensor,
+    pending_next: torch.Tensor,
+) -> Iterator[torch.Tensor]:
+    """Greedy speculation with one compiled graph per round (see FusedGreedyRound); after the prefill,
+    one host read per round. Same chunks as the general loop in stream_speculative."""
+    stats, device = request.stats, request.input_ids.device
+    decoder = request.decoder(model)
+    fused = decoder.fused_rounds.get(k)
+    if fused is None:
+        fused = decoder.fused_rounds[k] = FusedGreedyRound(decoder, k)
+    # every prompt pair but the last goes through the MTP layer now (eager prefill of its cache)
+    P = pending_next.shape[1]
+    if P > 1:
+        _mtp_forward(model, mtp_cache, pending_next[:, :-1], pending_hidden[:, :-1])
+    last = pending_next[:, -1:]  # t_P [1, 1]
+    next_padded = torch.zeros(1, k + 1, dtype=torch.long, device=device)
+    next_padded[0, 0] = last[0, 0]
+    hidden_padded = pending_hidden.new_zeros(1, k + 1, pending_hidden.shape[-1])
+    hidden_padded[:, 0] = pending_hidden[:, -1]
+    count, mtp_len, main_len = 1, P - 1, P
+    eos = set(request.eos_token_ids)
+    chunk, emitted = [int(last[0, 0])], 0
+    while True:
+        chunk = chunk[: request.max_new_tokens - emitted]
+        hit = [j for j, t in enumerate(chunk) if t in eos]
+        if hit:
+            chunk = chunk[: hit[0] + 1]
+        emitted += len(chunk)
+        stats.new_tokens += len(chunk)
+        yield torch.tensor([chunk], dtype=torch.long, device=device)
+        if hit or emitted >= request.max_new_tokens:
+            return
+        drafts, choices, normed = fused(
+            last, next_padded, hidden_padded, *(torch.tensor(n, device=device) for n in (count, mtp_len, main_len)),
+            cache, mtp_cache,
+        )  # fmt: skip
+        drafted, chosen = drafts[0].tolist(), choices[0].tolist()
+        accepted = 0
+        while accepted < k and drafted[accepted] == chosen[accepted]:
+            accepted += 1
+        stats.main_forwards += 1
+        stats.drafted += k
+        stats.accepted += accepted
+        chunk = drafted[:accepted] + [chosen[accepted]]
+        mtp_len, main_len, count = mtp_len + count, main_len + 1 + accepted, accepted + 1
+        cache.length, mtp_cache.length = main_len, mtp_len
+        next_padded = torch.tensor([chunk + [0] * (k + 1 - len(chunk))], dtype=torch.long, device=device)
+        hidden_padded = normed  # rows past `accepted` are padding
+        last = next_padded[:, accepted : accepted + 1]
