@@ -22,6 +22,7 @@ gathers each slot's expert weights and runs batched matmuls.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -74,6 +75,15 @@ GATHER_SLOTS = 64  # at most this many routing slots (T * K) take a static-shape
 ALL_EXPERTS_TOKENS = 8  # at most this many tokens run every expert (compute grows as T * N)
 
 
+def _sort_by_expert(flat: torch.Tensor, num_experts: int, static_shapes: bool) -> torch.Tensor:
+    """Stable argsort of the slots' expert ids [A]. On the CPU path numpy's stable sort of 16-bit keys
+    (a radix sort) takes about 20 us for 12k slots where torch.argsort takes about 390 us."""
+    if not static_shapes and flat.device.type == "cpu" and num_experts < 2**15:
+        keys = flat.clamp(max=num_experts).to(torch.int16).numpy()  # zero experts all sort last
+        return torch.from_numpy(np.argsort(keys, kind="stable"))
+    return torch.argsort(flat, stable=True)
+
+
 class _GatherRows(torch.autograd.Function):
     """rows = x[index]; its adjoint is a scatter-add. Written out because autograd differentiates
     x[index] with an accumulating index_put, several times slower on CPU than index_add_; the two
@@ -113,18 +123,23 @@ class _GatedSwiGLU(torch.autograd.Function):
     def forward(ctx, h: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
         ctx.save_for_backward(h, gate)
         g, u = h.chunk(2, dim=-1)
-        return F.silu(g) * u * gate.unsqueeze(-1)
+        return F.silu(g).mul_(u).mul_(gate.unsqueeze(-1))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        # in place where possible: these are [F, I] passes over memory, the MoE's largest after the GEMMs
         h, gate = ctx.saved_tensors
         g, u = h.chunk(2, dim=-1)
         sig = torch.sigmoid(g)
         silu = g * sig
-        grad_gate = (grad * silu * u).sum(-1) if ctx.needs_input_grad[1] else None
+        grad_gate = torch.linalg.vecdot(grad * u, silu) if ctx.needs_input_grad[1] else None
         grad_act = grad * gate.unsqueeze(-1)
-        grad_g = grad_act * u * (sig + silu * (1 - sig))
-        return torch.cat((grad_g, grad_act * silu), dim=-1), grad_gate
+        grad_h = torch.empty_like(h)
+        grad_g, grad_u = grad_h.chunk(2, dim=-1)
+        torch.mul(grad_act, silu, out=grad_u)
+        silu_slope = torch.rsub(sig, 1).mul_(g).add_(1).mul_(sig)  # d silu / dg = sig (1 + g (1 - sig))
+        torch.mul(grad_act, u, out=grad_g).mul_(silu_slope)
+        return grad_h, grad_gate
 
 
 def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -160,7 +175,7 @@ class Experts(nn.Module):
         if static_shapes is None:
             static_shapes = x.device.type != "cpu" or torch.compiler.is_compiling()
         flat = indices.reshape(-1)  # [A]
-        order = torch.argsort(flat, stable=True)  # [A] FFN slots grouped by expert, zero slots last
+        order = _sort_by_expert(flat, N, static_shapes)  # [A] FFN slots grouped by expert, zero slots last
         counts = torch.zeros(N + 1, dtype=torch.int32, device=x.device)
         counts.index_add_(0, flat.clamp(max=N), torch.ones_like(flat, dtype=torch.int32))
         offsets = counts[:N].cumsum(0, dtype=torch.int32)  # [N]
@@ -253,5 +268,5 @@ class MoE(nn.Module):
         if self.has_zero_experts and self.zero_expert_type == "identity":
             zero_slots = routing.indices >= self.num_ffn_experts  # [T, K]
             zero_weight = (routing.weights * zero_slots).sum(dim=-1, keepdim=True)  # [T, 1]
-            out = out + flat * zero_weight.to(flat.dtype)
+            out = torch.addcmul(out, flat, zero_weight.to(flat.dtype))
         return out.view(shape)
