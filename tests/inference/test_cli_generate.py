@@ -67,4 +67,5 @@ def test_bench_decode_on_a_trained_checkpoint(trained, capsys) -> None:
     assert result["same_greedy_output_16"] is True
     assert result["speedup_vs_transformers_16"] > 0 and result["speedup_vs_transformers_16_eager"] > 0
     assert result["speculative_output_identical"] is True and 0 <= result["acceptance_rate"] <= 1
+    assert result["speculative_speedup_compiled"] > 0
     assert "MTP speculative" in decode.report(result)

@@ -110,30 +110,37 @@ def _speculative(model, checkpoint: str, new_tokens: int, count: int, draft_toke
     tokenizer = CheckpointTokenizer(checkpoint)
     prompts = _held_out_prompts(tokenizer, count, 32)
     stats = GenerationStats()
-    plain_time = spec_time = 0.0
+    plain = {"max_new_tokens": new_tokens, "eos_token_id": []}
+    variants = {
+        "plain": plain,
+        "spec": {**plain, "speculative": "mtp", "num_draft_tokens": draft_tokens},
+        "plain_compiled": {**plain, "compile": True},
+        "spec_compiled": {**plain, "speculative": "mtp", "num_draft_tokens": draft_tokens, "compile": True},
+    }
+    for kwargs in variants.values():  # compile outside the timing
+        model.generate([prompts[0]], **kwargs)
+    seconds = dict.fromkeys(variants, 0.0)
     identical = True
     for prompt in prompts:
         outputs: dict[str, torch.Tensor] = {}
-        plain_kwargs = {"max_new_tokens": new_tokens, "eos_token_id": []}
-        spec_kwargs = {**plain_kwargs, "speculative": "mtp", "num_draft_tokens": draft_tokens}
-        for name, kwargs in (("plain", plain_kwargs), ("spec", spec_kwargs)):
-            elapsed = _best_time(
+        for name, kwargs in variants.items():
+            seconds[name] += _best_time(
                 lambda p=prompt, k=kwargs, n=name, o=outputs: o.__setitem__(n, model.generate([p], **k)), repeats
             )
-            if name == "plain":
-                plain_time += elapsed
-            else:
-                spec_time += elapsed
-        model.generate([prompt], stats=stats, **spec_kwargs)
-        identical &= torch.equal(outputs["plain"], outputs["spec"])
+        model.generate([prompt], stats=stats, **variants["spec"])
+        identical &= all(torch.equal(outputs["plain"], out) for out in outputs.values())
+    tokens = len(prompts) * new_tokens
     return {
         "speculative_prompts": len(prompts),
         "draft_tokens": draft_tokens,
         "acceptance_rate": stats.acceptance_rate,
         "tokens_per_main_forward": stats.tokens_per_forward,
-        "plain_tokens_per_s": len(prompts) * new_tokens / plain_time,
-        "speculative_tokens_per_s": len(prompts) * new_tokens / spec_time,
-        "speculative_speedup": plain_time / spec_time,
+        "plain_tokens_per_s": tokens / seconds["plain"],
+        "speculative_tokens_per_s": tokens / seconds["spec"],
+        "speculative_speedup": seconds["plain"] / seconds["spec"],
+        "plain_compiled_tokens_per_s": tokens / seconds["plain_compiled"],
+        "speculative_compiled_tokens_per_s": tokens / seconds["spec_compiled"],
+        "speculative_speedup_compiled": seconds["plain_compiled"] / seconds["spec_compiled"],
         "speculative_output_identical": identical,
     }
 
@@ -160,8 +167,9 @@ def report(result: dict) -> str:
             f"  MTP speculative ({result['draft_tokens']} draft token(s), {result['speculative_prompts']} held-out "
             f"prompts): acceptance {result['acceptance_rate']:.1%}, {result['tokens_per_main_forward']:.2f} tokens "
             f"per main forward, {result['speculative_tokens_per_s']:.1f} vs {result['plain_tokens_per_s']:.1f} "
-            f"tokens/s plain: {result['speculative_speedup']:.2f}x (identical output: "
-            f"{result['speculative_output_identical']})"
+            f"tokens/s plain: {result['speculative_speedup']:.2f}x eager; compiled "
+            f"{result['speculative_compiled_tokens_per_s']:.1f} vs {result['plain_compiled_tokens_per_s']:.1f}: "
+            f"{result['speculative_speedup_compiled']:.2f}x (identical output: {result['speculative_output_identical']})"
         )
     m = result["machine"]
     lines.append(f"{m['date']}, {m['cpu']}, {m['threads']} threads, torch {m['torch']}, {m['device']}")
