@@ -285,9 +285,12 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     from .checkpoint import ZeroExpertRowsIgnored
+    from .runtime import tune_cpu_allocator
 
     warnings.simplefilter("ignore", ZeroExpertRowsIgnored)  # our own final/ carries them on purpose
     args = build_parser().parse_args(argv)
+    if argv is None:  # the `longcat` process itself, not a caller of main() inside another program
+        tune_cpu_allocator()
     try:
         return args.func(args)
     except ConfigError as err:

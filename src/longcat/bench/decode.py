@@ -169,7 +169,8 @@ def report(result: dict) -> str:
             f"per main forward, {result['speculative_tokens_per_s']:.1f} vs {result['plain_tokens_per_s']:.1f} "
             f"tokens/s plain: {result['speculative_speedup']:.2f}x eager; compiled "
             f"{result['speculative_compiled_tokens_per_s']:.1f} vs {result['plain_compiled_tokens_per_s']:.1f}: "
-            f"{result['speculative_speedup_compiled']:.2f}x (identical output: {result['speculative_output_identical']})"
+            f"{result['speculative_speedup_compiled']:.2f}x "
+            f"(identical output: {result['speculative_output_identical']})"
         )
     m = result["machine"]
     lines.append(f"{m['date']}, {m['cpu']}, {m['threads']} threads, torch {m['torch']}, {m['device']}")
