@@ -50,6 +50,16 @@ def test_controller_step_reads_and_clears_counts_and_only_moves_ffn_biases() -> 
     assert abs(report.ffn_experts_per_token - float(counts[:4].sum() / 30)) < 1e-6
 
 
+def test_split_rates_decay_separately() -> None:
+    kwargs = dict(target_ffn_experts=1.0, rate=0.4, final_rate_ratio=0.25, total_steps=10)
+    split = BudgetController(4, 2, balance_rate=0.1, budget_final_ratio=1.0, **kwargs)
+    assert split.rate_at(10) == 0.4 and split.balance_rate_at(10) == 0.1 * 0.25
+    assert split.rate_at(5) == 0.4 and abs(split.balance_rate_at(5) - 0.1 * 0.625) < 1e-12
+    # Eq. 2 as written has one mu: its single decay wins over any budget ratio
+    single = BudgetController(4, 2, balance_rate=None, budget_final_ratio=1.0, **kwargs)
+    assert single.rate_at(10) == single.balance_rate_at(10) == 0.4 * 0.25
+
+
 def test_controller_drives_budget_to_target() -> None:
     """Closed loop on a synthetic router: biases move the FFN share to K_e."""
     torch.manual_seed(0)

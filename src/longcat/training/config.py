@@ -40,6 +40,7 @@ class TrainConfig:
     bias_update_rate: float = 0.3  # mu (probabilities are ~1/E, so the per-step share errors are small)
     bias_rate_final_ratio: float = 0.2  # mu decays linearly to this share of itself (paper: decay helps)
     bias_balance_rate: float | None = 0.05  # rate of Eq. 2's load-evening part; None: mu (Eq. 2 as written)
+    bias_budget_final_ratio: float | None = 1.0  # split rates: the budget part's decay (None: as the balance part)
     # losses
     lb_alpha: float = 0.001  # device-level balance loss with the zero-expert group (Eqs. 3-5)
     lb_groups: int = 1  # D: groups of FFN experts (one per expert-parallel device)

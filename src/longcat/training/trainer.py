@@ -148,7 +148,7 @@ class Trainer:
         self.K_e = cfg.target_ffn_experts or self.config.target_ffn_experts
         self.controller = BudgetController(
             self.config.n_routed_experts, self.config.moe_topk, self.K_e, cfg.bias_update_rate,
-            cfg.bias_rate_final_ratio, cfg.max_steps, cfg.bias_balance_rate,
+            cfg.bias_rate_final_ratio, cfg.max_steps, cfg.bias_balance_rate, cfg.bias_budget_final_ratio,
         )  # fmt: skip
         stream = TokenStream(self.data_dir / "train.bin", self.meta["dtype"])
         self.loader = PackedLoader(stream, cfg.seq_len, cfg.batch_size, cfg.seed, cfg.doc_masking)
