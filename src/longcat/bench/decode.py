@@ -56,7 +56,7 @@ def run(
     contexts: tuple[int, ...] = (128, 1024),
     new_tokens: int = 64,
     repeats: int = 3,
-    spec_prompts: int = 8,
+    spec_prompts: int = 32,
     draft_tokens: int = 1,
 ) -> dict:
     if checkpoint:
