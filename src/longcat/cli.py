@@ -193,6 +193,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(decoded[len(shown) :] if args.stream else decoded)
     if args.stats:
         line = f"{stats.new_tokens} tokens in {elapsed:.2f}s ({stats.new_tokens / max(elapsed, 1e-9):.1f} tokens/s)"
+        if args.compile:
+            line += " including the first call's compilation"
         if args.speculative:
             line += (
                 f"; MTP acceptance {stats.acceptance_rate:.1%}, {stats.tokens_per_forward:.2f} tokens per main forward"

@@ -201,3 +201,13 @@ def test_generated_ids_can_feed_training() -> None:
         model.train()
         model(ids, labels=ids).loss.backward()
         model.eval()
+
+
+def test_few_row_logits_equal_the_lm_head() -> None:
+    from longcat.inference.generate import lm_logits
+
+    model = _model(3)
+    with torch.no_grad():
+        for rows in range(1, 10):
+            normed = torch.randn(1, rows, model.config.hidden_size)
+            torch.testing.assert_close(lm_logits(model, normed), model.lm_head(normed), rtol=1e-5, atol=1e-5)

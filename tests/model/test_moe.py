@@ -134,3 +134,14 @@ def test_router_counts_only_in_training_and_stays_fp32() -> None:
     assert moe.router.e_score_correction_bias.dtype == torch.float32
     assert moe.experts.down_proj.dtype == torch.bfloat16
     assert moe(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_cpu_radix_sort_matches_torch_stable_argsort() -> None:
+    from longcat.model.moe import _sort_by_expert
+
+    flat = torch.randint(0, 12, (997,), generator=torch.Generator().manual_seed(3))  # N = 8: ids 8..11 are zero
+    expected = torch.argsort(flat.clamp(max=8), stable=True)
+    assert torch.equal(_sort_by_expert(flat, 8, static_shapes=False), expected)
+    assert torch.equal(
+        _sort_by_expert(flat, 8, static_shapes=True)[: int((flat < 8).sum())], expected[: int((flat < 8).sum())]
+    )
