@@ -62,6 +62,16 @@ def accept_drafts(
     return len(drafts), select(logits[len(drafts)][None], sampling, generator)
 
 
+def _cut_chunk(tokens: list[int], room: int, eos: set[int]) -> tuple[list[int], bool]:
+    """A round's new tokens cut to the room left and after the first end-of-sequence token; True when
+    that token was reached."""
+    tokens = tokens[:room]
+    for j, token in enumerate(tokens):
+        if token in eos:
+            return tokens[: j + 1], True
+    return tokens, False
+
+
 @torch.inference_mode()
 def stream_speculative(
     model: LongcatForCausalLM, request: GenerationRequest, num_draft_tokens: int
@@ -93,20 +103,17 @@ def stream_speculative(
     token = select(lm_logits(model, normed[:, -1]), sampling, request.generator)  # t_P
     pending_hidden, pending_next = normed, torch.cat((ids[:, 1:], token[:, None]), dim=1)
     if request.compile and not sampling.do_sample:
-        yield from _stream_fused_greedy(model, request, k, cache, mtp_cache, pending_hidden, pending_next)
+        yield from _stream_fused_greedy(model, request, step_fn, k, cache, mtp_cache, pending_hidden, pending_next)
         return
     emitted = 0
     chunk = token[:, None]
     while True:
-        room = request.max_new_tokens - emitted
-        chunk = chunk[:, :room]
-        hit = [j for j, t in enumerate(chunk[0].tolist()) if t in eos]
-        if hit:
-            chunk = chunk[:, : hit[0] + 1]
-        emitted += chunk.shape[1]
-        stats.new_tokens += chunk.shape[1]
+        kept, ended = _cut_chunk(chunk[0].tolist(), request.max_new_tokens - emitted, eos)
+        chunk = chunk[:, : len(kept)]
+        emitted += len(kept)
+        stats.new_tokens += len(kept)
         yield chunk
-        if hit or emitted >= request.max_new_tokens:
+        if ended or emitted >= request.max_new_tokens:
             return
         m = cache.length  # t_m = chunk[-1] is chosen but not yet in the main cache
         # draft k tokens with the MTP module
@@ -196,6 +203,7 @@ class FusedGreedyRound:
 def _stream_fused_greedy(
     model: LongcatForCausalLM,
     request: GenerationRequest,
+    decoder,  # noqa: ANN001 - the request's generate.CompiledDecoder
     k: int,
     cache: LatentCache,
     mtp_cache: LatentCache,
@@ -205,7 +213,6 @@ def _stream_fused_greedy(
     """Greedy speculation with one compiled graph per round (see FusedGreedyRound); after the prefill,
     one host read per round. Same chunks as the general loop in stream_speculative."""
     stats, device = request.stats, request.input_ids.device
-    decoder = request.decoder(model)
     fused = decoder.fused_rounds.get(k)
     if fused is None:
         fused = decoder.fused_rounds[k] = FusedGreedyRound(decoder, k)
@@ -218,21 +225,19 @@ def _stream_fused_greedy(
     next_padded[0, 0] = last[0, 0]
     hidden_padded = pending_hidden.new_zeros(1, k + 1, pending_hidden.shape[-1])
     hidden_padded[:, 0] = pending_hidden[:, -1]
-    count, mtp_len, main_len = 1, P - 1, P
+    count = 1  # true pending pairs; the caches' lengths count their true entries (MTP: P - 1, main: P)
     eos = set(request.eos_token_ids)
     chunk, emitted = [int(last[0, 0])], 0
     while True:
-        chunk = chunk[: request.max_new_tokens - emitted]
-        hit = [j for j, t in enumerate(chunk) if t in eos]
-        if hit:
-            chunk = chunk[: hit[0] + 1]
+        chunk, ended = _cut_chunk(chunk, request.max_new_tokens - emitted, eos)
         emitted += len(chunk)
         stats.new_tokens += len(chunk)
         yield torch.tensor([chunk], dtype=torch.long, device=device)
-        if hit or emitted >= request.max_new_tokens:
+        if ended or emitted >= request.max_new_tokens:
             return
         drafts, choices, normed = fused(
-            last, next_padded, hidden_padded, *(torch.tensor(n, device=device) for n in (count, mtp_len, main_len)),
+            last, next_padded, hidden_padded,
+            *(torch.tensor(n, device=device) for n in (count, mtp_cache.length, cache.length)),
             cache, mtp_cache,
         )  # fmt: skip
         drafted, chosen = drafts[0].tolist(), choices[0].tolist()
@@ -243,8 +248,9 @@ def _stream_fused_greedy(
         stats.drafted += k
         stats.accepted += accepted
         chunk = drafted[:accepted] + [chosen[accepted]]
-        mtp_len, main_len, count = mtp_len + count, main_len + 1 + accepted, accepted + 1
-        cache.length, mtp_cache.length = main_len, mtp_len
+        mtp_cache.length += count  # this round's pending pairs are true entries now
+        cache.length += 1 + accepted  # t_m and the accepted drafts
+        count = accepted + 1
         next_padded = torch.tensor([chunk + [0] * (k + 1 - len(chunk))], dtype=torch.long, device=device)
         hidden_padded = normed  # rows past `accepted` are padding
         last = next_padded[:, accepted : accepted + 1]
