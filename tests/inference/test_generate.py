@@ -119,6 +119,26 @@ def test_compiled_decoding_matches_eager() -> None:
     assert stats.drafted == 2 * stats.main_forwards and stats.new_tokens == 12
 
 
+@pytest.mark.slow
+def test_compiled_cpu_decoder_fuses_few_row_gemms() -> None:
+    """The CPU decode options rewrite GEMMs of up to FEW_ROWS rows into Inductor loops (not library
+    calls), and the rewritten product equals the plain one."""
+    from torch._dynamo.utils import counters
+
+    from longcat.inference.generate import FEW_ROWS, _cpu_compile_options
+
+    options = _cpu_compile_options()
+    if "post_grad_fusion_options" not in options:
+        pytest.skip("this torch build has no Inductor decompose_mm_pass")
+    weight = torch.randn(40, 24)  # [in, out] contiguous: W^T as the decoder's transposed-storage copy holds it
+    x = torch.randn(FEW_ROWS, 40)
+    before = counters["inductor"]["decompose_mm"]
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        out = torch.compile(lambda a, b: torch.relu(a @ b), dynamic=False, options=options)(x, weight)
+    assert counters["inductor"]["decompose_mm"] > before
+    torch.testing.assert_close(out, torch.relu(x @ weight), rtol=1e-5, atol=1e-5)
+
+
 def test_compiled_decoder_copy_and_rebuild_on_weight_change() -> None:
     """The compiled decoder runs a transposed-storage copy of the linear weights, sharing everything
     else, and is rebuilt (not reused with stale frozen weights) once any weight changes in place."""
