@@ -68,6 +68,11 @@ def test_remote_code_fields_are_honoured() -> None:
     assert config.q_lora_scale == 1.0 and config.kv_lora_scale > 1.0
     assert config.zero_expert_num == 0 and config.extra["attention_method"] == "MLA"
     assert config.router_bias and config.norm_topk_prob
+    # the remote code's null zero_expert_type is moot without zero experts; with them it must be named
+    data.update(zero_expert_type=None, zero_expert_num=0)
+    assert LongcatConfig.from_dict(data).zero_expert_type == "identity"
+    with pytest.raises(ConfigError, match="zero_expert_type"):
+        LongcatConfig.from_dict({**data, "zero_expert_num": 4})
 
 
 @pytest.mark.parametrize(

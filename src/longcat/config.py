@@ -85,6 +85,8 @@ class LongcatConfig:
             self.head_dim = self.qk_rope_head_dim
         if self.zero_expert_num is None:
             self.zero_expert_num = 0
+        if self.zero_expert_type is None and self.zero_expert_num == 0:
+            self.zero_expert_type = "identity"  # the remote code's null default; moot without zero experts
 
     # ----- derived sizes -------------------------------------------------------------------
     @property

@@ -79,3 +79,18 @@ def test_packed_documents_do_not_attend_across() -> None:
         torch.testing.assert_close(out.logits[:, :5], model(a).logits, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(out.logits[:, 5:], model(b).logits, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(out.mtp_logits[:, 5:], model(b, return_mtp=True).mtp_logits, rtol=1e-4, atol=1e-5)
+
+
+def test_rope_frequencies_stay_float32_in_a_bfloat16_model() -> None:
+    """In bf16 the frequencies would be off by ~4e-3 relative: radians of angle at long positions."""
+    config = random_tiny_config(0)
+    fp32 = LongcatForCausalLM(config, seed=0)
+    bf16 = LongcatForCausalLM(config, seed=0, dtype=torch.bfloat16)
+    assert bf16.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert torch.equal(bf16.model.rotary_emb.inv_freq, fp32.model.rotary_emb.inv_freq)
+    fp32.to(torch.bfloat16)
+    assert torch.equal(fp32.model.rotary_emb.inv_freq, bf16.model.rotary_emb.inv_freq)
+    positions = torch.tensor([[0, 1000, 8191]])
+    cos32, _ = LongcatForCausalLM(config, seed=0).model.rotary_emb(positions, torch.float32)
+    cos16, _ = bf16.model.rotary_emb(positions, torch.float32)
+    torch.testing.assert_close(cos16, cos32)

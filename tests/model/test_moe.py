@@ -145,3 +145,32 @@ def test_cpu_radix_sort_matches_torch_stable_argsort() -> None:
     assert torch.equal(
         _sort_by_expert(flat, 8, static_shapes=True)[: int((flat < 8).sum())], expected[: int((flat < 8).sum())]
     )
+
+
+def test_float64_grouped_dispatch_matches_the_loop() -> None:
+    """fp64 (gradcheck's dtype) takes the loop-over-groups path: torch's grouped GEMM has no fp64 kernel."""
+    moe = _moe(3, n_routed_experts=7, zero_expert_num=3, moe_topk=3, **ALIGNED).double()
+    x = torch.randn(40, moe.router.classifier.in_features, dtype=torch.float64)
+    routing = moe.router(x)
+    assert routing.indices.numel() > 64  # past the few-token decode paths
+    fast = moe.experts(x, routing.indices, routing.weights.double(), static_shapes=False)
+    torch.testing.assert_close(fast, experts_reference(moe.experts, x, routing.indices, routing.weights.double()))
+
+
+def test_router_stays_float32_through_bfloat16_and_autocast() -> None:
+    """model.to(bf16) keeps the router's fp32 values exactly (not rounded through bf16), and bf16
+    autocast does not run its logits in bf16."""
+    moe = _moe(4, n_routed_experts=8, zero_expert_num=4, moe_topk=3)
+    with torch.no_grad():
+        moe.router.e_score_correction_bias.copy_(0.05 + 1e-5 * torch.arange(12))
+    before = {name: t.clone() for name, t in moe.router.state_dict().items()}
+    moe.to(torch.bfloat16)
+    for name, t in moe.router.state_dict().items():
+        assert t.dtype == torch.float32 and torch.equal(t, before[name]), name
+    assert moe.experts.gate_up_proj.dtype == torch.bfloat16
+    x = torch.randn(6, moe.router.classifier.in_features, dtype=torch.bfloat16)
+    plain = moe.router(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = moe.router(x)
+    assert cast.probs.dtype == torch.float32
+    torch.testing.assert_close(cast.probs, plain.probs)

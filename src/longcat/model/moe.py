@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ..config import LongcatConfig
 from .router import Router, Routing
@@ -49,8 +50,10 @@ def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torc
 
 
 def _grouped_mm_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """The grouped GEMM kernels want 16-byte aligned rows, and on CUDA bf16 operands."""
-    if not GROUPED_MM or (x.device.type != "cpu" and x.dtype != torch.bfloat16):
+    """The grouped GEMM kernels want 16-byte aligned rows, fp32/bf16/fp16 operands, and on CUDA bf16."""
+    if not GROUPED_MM or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if x.device.type != "cpu" and x.dtype != torch.bfloat16:
         return False
     size = x.element_size()
     return all(dim * size % 16 == 0 for dim in (x.shape[-1], w.shape[-1], w.shape[-2]))
@@ -126,6 +129,7 @@ class _GatedSwiGLU(torch.autograd.Function):
         return F.silu(g).mul_(u).mul_(gate.unsqueeze(-1))
 
     @staticmethod
+    @once_differentiable  # the in-place backward has no derivative of its own; say so if one is asked for
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
         # in place where possible: these are [F, I] passes over memory, the MoE's largest after the GEMMs
         h, gate = ctx.saved_tensors

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .precision import apply_keeping_float32
+
 
 class RMSNorm(nn.Module):
     """y = w * x / rms(x), computed in fp32 and cast back, as transformers does."""
@@ -42,6 +44,10 @@ class RotaryEmbedding(nn.Module):
     def reset_parameters(self) -> None:
         exponent = torch.arange(0, self.dim, 2, dtype=torch.float32, device=self.inv_freq.device) / self.dim
         self.inv_freq.copy_(1.0 / (self.theta**exponent))
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's signature
+        # the frequencies stay fp32 under model.to(bfloat16) (see precision.py)
+        return apply_keeping_float32(self, super()._apply, fn, recurse, ("inv_freq",))
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids [B, T] -> cos, sin [B, T, R/2] (one angle per rotated pair)."""

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LongcatConfig
+from .precision import apply_keeping_float32
 
 
 @dataclass
@@ -52,16 +53,15 @@ class Router(nn.Module):
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's signature
         # Keep the router in fp32 under model.to(bfloat16): its probabilities are ~1/E and the
-        # selection bias moves in steps of ~1e-4 (paper §1.4, "router precision").
-        super()._apply(fn, recurse)
-        for tensor in (self.classifier.weight, self.classifier.bias, self.e_score_correction_bias):
-            if tensor is not None and tensor.is_floating_point() and tensor.dtype != torch.float32:
-                tensor.data = tensor.data.float()
-        self.expert_counts.data = self.expert_counts.data.float()
-        return self
+        # selection bias moves in steps of ~1e-4 (paper §1.4, "router precision"; precision.py).
+        names = ("classifier.weight", "classifier.bias", "e_score_correction_bias", "expert_counts")
+        return apply_keeping_float32(self, super()._apply, fn, recurse, names)
 
     def forward(self, x: torch.Tensor) -> Routing:
         """x [T, H] -> Routing."""
+        if torch.is_autocast_enabled(x.device.type):  # bf16 autocast would run the logits in bf16
+            with torch.autocast(x.device.type, enabled=False):
+                return self.forward(x)
         bias = None if self.classifier.bias is None else self.classifier.bias.float()
         logits = F.linear(x.float(), self.classifier.weight.float(), bias)  # [T, E]
         probs = logits.softmax(dim=-1)
@@ -73,6 +73,6 @@ class Router(nn.Module):
                     0, indices.reshape(-1), torch.ones_like(indices, dtype=torch.float32).reshape(-1)
                 )
         weights = probs.gather(1, indices)  # [T, K]
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.norm_topk_prob:  # the epsilon transformers uses, for selections whose mass underflows
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return Routing(probs=probs, indices=indices, weights=weights * self.scaling)
