@@ -41,6 +41,20 @@ def test_round_trip_with_mtp_and_exact_keys(tmp_path) -> None:
         assert torch.equal(model(ids, return_mtp=True).mtp_logits, loaded(ids, return_mtp=True).mtp_logits)
 
 
+def test_saved_files_get_the_usual_permissions(tmp_path) -> None:
+    """Written through temporary files and renamed, yet readable as any new file (umask), with no
+    temporary file left behind."""
+    mask = os.umask(0o022)
+    try:
+        _saved(tmp_path)
+    finally:
+        os.umask(mask)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["config.json", "model.safetensors"]
+    for name in names:
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+
+
 def test_sharded_with_index(tmp_path) -> None:
     model = _saved(tmp_path, max_shard_size=20_000)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
+import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,10 +103,18 @@ def _parse_size(size: int | str) -> int:
 
 
 def _write_atomic(path: Path, write) -> None:  # noqa: ANN001 - write(tmp_path) callback
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    """Write through a temporary file in the same directory, flushed to disk, then rename it over
+    `path`, so a crash leaves the old file or the new one, never half of one. The temporary file is
+    created with open() rather than mkstemp, and its mode restored after write() (safetensors makes
+    its file private to the owner), so the result has the usual (umask) permissions."""
+    tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
+        open(tmp, "xb").close()  # noqa: SIM115 - claims the name; write() fills it
+        mode = os.stat(tmp).st_mode & 0o777
         write(tmp)
+        os.chmod(tmp, mode)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
