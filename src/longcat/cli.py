@@ -154,14 +154,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import time
 
+    from .checkpoint import resolve_checkpoint_dir
     from .inference.chat import CheckpointTokenizer
     from .inference.generate import GenerationStats
     from .model.lm import LongcatForCausalLM
 
-    tokenizer = CheckpointTokenizer(args.checkpoint) if Path(args.checkpoint).is_dir() else None
-    model = LongcatForCausalLM.from_pretrained(args.checkpoint).eval()
-    if tokenizer is None:
-        tokenizer = CheckpointTokenizer(args.checkpoint)
+    if args.system is not None and not args.chat:
+        raise GenerationError("--system only applies with --chat; add --chat or drop --system")
+    if args.draft_tokens is not None and not args.speculative:
+        raise GenerationError("--draft-tokens only applies with --speculative; add --speculative or drop it")
+    root = resolve_checkpoint_dir(args.checkpoint)  # a local directory, or a Hub id downloaded once
+    tokenizer = CheckpointTokenizer(root)  # before the weights: a missing tokenizer fails fast
+    model = LongcatForCausalLM.from_pretrained(root).eval()
     text = args.prompt
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
@@ -175,7 +179,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     kwargs = dict(
         max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed, speculative="mtp" if args.speculative else None,
-        num_draft_tokens=args.draft_tokens, stats=stats, compile=args.compile,
+        num_draft_tokens=1 if args.draft_tokens is None else args.draft_tokens, stats=stats, compile=args.compile,
     )  # fmt: skip
     start = time.perf_counter()
     new: list[int] = []
@@ -253,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--system", help="system prompt for --chat")
     gen.add_argument("--stream", action="store_true", help="print tokens as they come")
     gen.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
-    gen.add_argument("--draft-tokens", type=int, default=1, help="MTP draft tokens per round")
+    gen.add_argument("--draft-tokens", type=int, help="MTP draft tokens per round (default 1; with --speculative)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument("--temperature", type=float, default=1.0)

@@ -69,3 +69,41 @@ def test_bench_decode_on_a_trained_checkpoint(trained, capsys) -> None:
     assert result["speculative_output_identical"] is True and 0 <= result["acceptance_rate"] <= 1
     assert result["speculative_speedup_compiled"] > 0
     assert "MTP speculative" in decode.report(result)
+
+
+def test_checkpoint_chat_templates(trained, tmp_path) -> None:
+    """A tokenizer's own template renders as transformers would: the list form's "default" entry,
+    special tokens in their AddedToken form, chat_template.jinja when tokenizer_config has none."""
+    import json
+
+    from longcat.inference.chat import CheckpointTokenizer
+
+    root = tmp_path / "ckpt"
+    shutil.copytree(trained, root)
+    config_path = root / "tokenizer_config.json"
+    base = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    template = "{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}{{ eos_token }}{% endfor %}"
+    templates = [{"name": "tool_use", "template": "unused"}, {"name": "default", "template": template}]
+    config = {**base, "bos_token": {"content": "<s>", "lstrip": False}, "eos_token": "</s>", "chat_template": templates}
+    config_path.write_text(json.dumps(config))
+    messages = [{"role": "user", "content": "hi"}]
+    assert CheckpointTokenizer(root).chat(messages) == "<s><user>hi</s>"
+    config.pop("chat_template")
+    config_path.write_text(json.dumps(config))
+    (root / "chat_template.jinja").write_text("[{{ messages[0].content }}]")
+    assert CheckpointTokenizer(root).chat(messages) == "[hi]"
+
+
+def test_generate_cli_flag_mistakes_and_hub_ids(trained, capsys, monkeypatch) -> None:
+    assert main(["generate", str(trained), "--prompt", "x", "--system", "Be brief."]) == 2
+    assert "--chat" in capsys.readouterr().err
+    assert main(["generate", str(trained), "--prompt", "x", "--draft-tokens", "2"]) == 2
+    assert "--speculative" in capsys.readouterr().err
+    assert (
+        main(["generate", str(trained), "--prompt", "x", "--sample", "--temperature", "0", "--max-new-tokens", "2"])
+        == 2
+    )
+    assert "temperature" in capsys.readouterr().err
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kwargs: str(trained))
+    assert main(["generate", "someone/longcat-tiny", "--prompt", "In the beginning", "--max-new-tokens", "3"]) == 0

@@ -142,10 +142,10 @@ def test_compiled_cpu_decoder_fuses_few_row_gemms() -> None:
 def test_compiled_decoder_copy_and_rebuild_on_weight_change() -> None:
     """The compiled decoder runs a transposed-storage copy of the linear weights, sharing everything
     else, and is rebuilt (not reused with stale frozen weights) once any weight changes in place."""
-    from longcat.inference.generate import GenerationRequest, _column_major_copy
+    from longcat.inference.generate import GenerationRequest, _decoding_copy
 
     model = _model(4)
-    copy = _column_major_copy(model)
+    copy = _decoding_copy(model, transpose_linear=True)
     for (name, ours), theirs in zip(model.named_parameters(), copy.parameters()):
         assert torch.equal(ours, theirs), name
         if "proj" in name and ours.ndim == 2:
@@ -209,6 +209,57 @@ def test_bad_requests_are_named() -> None:
         no_mtp.generate([[1, 2]], max_new_tokens=2, speculative="mtp")
     with pytest.raises(GenerationError, match="one sequence"):
         model.generate([[1, 2], [3, 4]], max_new_tokens=2, speculative="mtp")
+
+
+def test_right_padded_prompts_decode_as_left_padded_ones() -> None:
+    """Tokenizers often pad on the right; decoding must not continue from the pads."""
+    model = _model(8)
+    prompts = [[5, 9, 2, 7, 11], [4, 8]]
+    left = model.generate(prompts, max_new_tokens=4, eos_token_id=[])
+    ids = torch.tensor([[5, 9, 2, 7, 11], [4, 8, 0, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=4, eos_token_id=[]), left)
+    with pytest.raises(GenerationError, match="gaps"):
+        model.generate(ids, attention_mask=torch.tensor([[1, 1, 1, 1, 1], [1, 0, 1, 0, 0]]), max_new_tokens=2)
+    with pytest.raises(GenerationError, match="attention_mask has shape"):
+        model.generate(ids, attention_mask=mask[:, :3], max_new_tokens=2)
+    with pytest.raises(GenerationError, match="empty prompt"):
+        model.generate(ids, attention_mask=torch.tensor([[1, 1, 1, 1, 1], [0, 0, 0, 0, 0]]), max_new_tokens=2)
+
+
+def test_bad_sampling_and_stream_requests_fail_at_the_call() -> None:
+    model = _model(8)
+    for bad in ({"temperature": 0.0}, {"top_p": 2.0}, {"top_k": 0}):
+        with pytest.raises(GenerationError):
+            model.generate([[1, 2]], max_new_tokens=2, do_sample=True, **bad)
+    with pytest.raises(GenerationError, match="empty prompt"):
+        model.stream_generate([[]], max_new_tokens=2)  # before any token is asked for
+
+
+def test_compiled_decoder_follows_dtype_changes_and_frees_the_model() -> None:
+    """The decoder cache is keyed weakly by the model and its decoder holds a copy of the modules
+    sharing the tensors, not the model, so a dropped model is freed; converting the model's dtype
+    builds a new decoder rather than reusing graphs for the old one."""
+    import gc
+    import weakref
+
+    from longcat.inference.generate import GenerationRequest, _decoding_copy
+
+    model = _model(4)
+    shared = _decoding_copy(model, transpose_linear=False)
+    assert all(a is b for a, b in zip(model.parameters(), shared.parameters()))
+    ids = torch.randint(0, model.config.vocab_size, (1, 5))
+    request = GenerationRequest(ids, torch.ones_like(ids), 4, None, [], 0, None, compile=True)  # type: ignore[arg-type]
+    first = request.decoder(model)
+    model.double()
+    second = request.decoder(model)
+    assert second is not first
+    model.float()
+    assert request.decoder(model) is not second
+    alive = weakref.ref(model)
+    del model, first, second, shared
+    gc.collect()
+    assert alive() is None
 
 
 def test_generated_ids_can_feed_training() -> None:

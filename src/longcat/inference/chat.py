@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from ..checkpoint import CheckpointError
+from .generate import GenerationError
 
 END_OF_TURN = "</longcat_s>"
 
@@ -51,8 +52,15 @@ class CheckpointTokenizer:
         self.tokenizer = Tokenizer.from_file(str(path))
         config_path = root / "tokenizer_config.json"
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-        self.chat_template: str | None = config.get("chat_template")
-        self.bos_token: str | None = config.get("bos_token") if isinstance(config.get("bos_token"), str) else None
+        self.chat_template = _pick_template(config.get("chat_template"))
+        if self.chat_template is None and (root / "chat_template.jinja").is_file():
+            self.chat_template = (root / "chat_template.jinja").read_text()  # where transformers >= 4.43 saves it
+        # special tokens as the template sees them (transformers passes them all); the dict form is an AddedToken
+        self.special_tokens = {
+            key: value["content"] if isinstance(value, dict) else value
+            for key in ("bos_token", "eos_token", "unk_token", "pad_token")
+            if isinstance(value := config.get(key), (str, dict))
+        }
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -63,9 +71,28 @@ class CheckpointTokenizer:
     def chat(self, messages: list[dict[str, str]]) -> str:
         if self.chat_template:
             try:
-                import jinja2
+                from jinja2.sandbox import ImmutableSandboxedEnvironment
             except ImportError as err:
                 raise CheckpointError("this tokenizer's chat_template needs jinja2: pip install jinja2") from err
-            template = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(self.chat_template)
-            return template.render(messages=messages, add_generation_prompt=True, bos_token=self.bos_token or "")
+
+            def raise_exception(message: str) -> None:
+                raise GenerationError(f"the checkpoint's chat template refused the messages: {message}")
+
+            # the environment transformers renders templates in (sandboxed, same whitespace rules)
+            environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            environment.globals["raise_exception"] = raise_exception
+            template = environment.from_string(self.chat_template)
+            tokens = {"bos_token": "", "eos_token": "", **self.special_tokens}
+            return template.render(messages=messages, add_generation_prompt=True, **tokens)
         return longcat_chat_prompt(messages)
+
+
+def _pick_template(value: object) -> str | None:
+    """tokenizer_config's chat_template: a string, or a list of {"name", "template"} (the "default" one)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        named = {entry.get("name"): entry.get("template") for entry in value if isinstance(entry, dict)}
+        chosen = named.get("default", next(iter(named.values()), None))
+        return chosen if isinstance(chosen, str) else None
+    return None

@@ -92,6 +92,32 @@ def pad_prompts(
     return ids, mask
 
 
+def left_aligned(ids: torch.Tensor, mask: torch.Tensor, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids and attention_mask [B, P] with each row's tokens moved to the right end (left padding), the
+    layout decoding needs: a right-padded batch, as tokenizers often produce, would otherwise continue
+    from a pad. A row whose mask has gaps between its tokens is refused."""
+    if mask.shape != ids.shape:
+        raise GenerationError(
+            f"attention_mask has shape {tuple(mask.shape)} but input_ids {tuple(ids.shape)}; pass one mask "
+            "entry per prompt token"
+        )
+    present = mask.bool()
+    if bool(present[:, -1].all()) and bool((present.int().diff(dim=-1) >= 0).all()):
+        return ids, mask  # already left-padded
+    rows = []
+    for row, keep in enumerate(present):
+        where = keep.nonzero().flatten()
+        if where.numel() and int(where[-1] - where[0]) + 1 != where.numel():
+            raise GenerationError(
+                f"attention_mask row {row} has gaps between its tokens; each row must be one run of 1s "
+                "(left or right padding)"
+            )
+        rows.append(ids[row, where].tolist())
+    if any(len(r) == 0 for r in rows):
+        raise GenerationError("every prompt needs at least one token (an empty prompt was given)")
+    return pad_prompts(rows, pad_token_id)
+
+
 def build_request(
     model: LongcatForCausalLM,
     input_ids: Sequence[Sequence[int]] | torch.Tensor,
@@ -107,10 +133,10 @@ def build_request(
     config = model.config
     pad = config.pad_token_id if config.pad_token_id is not None else 0
     ids, mask = pad_prompts(input_ids, pad)
-    if attention_mask is not None:
-        mask = attention_mask
-    if ids.shape[1] == 0 or bool((mask.sum(-1) == 0).any()):
+    if ids.shape[1] == 0 or (attention_mask is None and bool((mask.sum(-1) == 0).any())):
         raise GenerationError("every prompt needs at least one token (an empty prompt was given)")
+    if attention_mask is not None:
+        ids, mask = left_aligned(ids, attention_mask.to(ids.device), pad)
     if max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens must be non-negative, got {max_new_tokens}")
     total = int(mask.sum(-1).max()) + max_new_tokens
@@ -129,7 +155,10 @@ def build_request(
     generator = None
     if seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(seed)
-    sampling = SamplingParams(do_sample, temperature, top_k, top_p).validate()
+    try:
+        sampling = SamplingParams(do_sample, temperature, top_k, top_p).validate()
+    except ValueError as err:
+        raise GenerationError(str(err)) from err
     device = model.device
     return GenerationRequest(ids.to(device), mask.to(device), max_new_tokens, sampling, eos, pad, generator)
 
@@ -219,7 +248,8 @@ def stream_generate(
     compile: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yields new tokens [B, n] as they are chosen (n = 1 per step; up to num_draft_tokens + 1 per
-    main-model forward with speculative="mtp"). eos_token_id None uses the config's; [] never stops early."""
+    main-model forward with speculative="mtp"). eos_token_id None uses the config's; [] never stops early.
+    A bad request raises here, before the first token is asked for."""
     if speculative not in (None, "mtp"):
         raise GenerationError(f"speculative must be None or 'mtp', got {speculative!r}")
     request = build_request(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,
@@ -227,6 +257,12 @@ def stream_generate(
     if stats is not None:
         request.stats = stats
     request.compile = compile
+    return _stream(model, request, speculative, num_draft_tokens)
+
+
+def _stream(
+    model: LongcatForCausalLM, request: GenerationRequest, speculative: str | None, num_draft_tokens: int
+) -> Iterator[torch.Tensor]:
     was_training = model.training
     model.eval()
     try:
@@ -249,11 +285,12 @@ def generate(
     stats: GenerationStats | None = None,
     **kwargs,
 ) -> torch.Tensor:
-    """The prompt ids (left-padded [B, P]) followed by the new tokens [B, n]."""
+    """The prompt ids (left-padded [B, P]; right-padded rows come back left-padded) followed by the new
+    tokens [B, n]."""
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     ids, mask = pad_prompts(input_ids, pad)
     if attention_mask is not None:
-        mask = attention_mask
+        ids, mask = left_aligned(ids, attention_mask, pad)
     chunks = list(stream_generate(model, ids, mask, stats=stats, **kwargs))
     ids = ids.to(model.device)
     if kwargs.get("speculative") == "mtp":
@@ -264,21 +301,24 @@ def generate(
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def weights_version(model: torch.nn.Module) -> tuple[int, ...]:
-    """Changes whenever any parameter or buffer is modified in place (an optimizer step, a load): a
-    compiled decoder that froze the old weights is then rebuilt."""
-    return tuple(t._version for t in (*model.parameters(), *model.buffers()))
+def weights_version(model: torch.nn.Module) -> tuple:
+    """Changes whenever any parameter or buffer is modified in place (an optimizer step, a load) or
+    replaced (`model.to(dtype or device)`): a compiled decoder that froze the old weights is then rebuilt."""
+    return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in (*model.parameters(), *model.buffers()))
 
 
-def _column_major_copy(model: LongcatForCausalLM) -> LongcatForCausalLM:
-    """A copy of `model` for decoding: every nn.Linear weight holds the same values in transposed
-    storage (a [out, in] view of a contiguous [in, out] tensor); all other tensors are shared."""
-    linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+def _decoding_copy(model: LongcatForCausalLM, transpose_linear: bool) -> LongcatForCausalLM:
+    """A copy of `model`'s modules for a compiled decoder, sharing its tensors, so that the decoder (kept
+    in a cache weakly keyed by the model) does not keep the model itself alive. With transpose_linear
+    every nn.Linear weight instead holds the same values in transposed storage (a [out, in] view of a
+    contiguous [in, out] tensor)."""
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)} if transpose_linear else set()
     memo = {id(t): t for t in (*model.parameters(), *model.buffers()) if id(t) not in linear}
     shadow = copy.deepcopy(model, memo)
-    for module in shadow.modules():
-        if isinstance(module, torch.nn.Linear) and module.weight.is_contiguous():
-            module.weight.data = module.weight.data.t().contiguous().t()
+    if transpose_linear:
+        for module in shadow.modules():
+            if isinstance(module, torch.nn.Linear) and module.weight.is_contiguous():
+                module.weight.data = module.weight.data.t().contiguous().t()
     return shadow.eval()
 
 
@@ -323,7 +363,7 @@ class CompiledDecoder:
     def __init__(self, model: LongcatForCausalLM) -> None:
         self.weights_version = weights_version(model)
         on_cpu = model.device.type == "cpu"
-        self.model = _column_major_copy(model) if on_cpu else model
+        self.model = _decoding_copy(model, transpose_linear=on_cpu)
         self.options = _cpu_compile_options() if on_cpu else {}
         self._step = torch.compile(self._forward, dynamic=False, options=self.options)
         self._mtp_step = torch.compile(self._mtp_forward, dynamic=False, options=self.options)

@@ -58,7 +58,9 @@ def accept_drafts(
         p, q = probabilities(logits[j], sampling), draft_probs[j]
         if float(torch.rand((), generator=generator, device=p.device)) >= float(p[d] / q[d]):
             residual = (p - q).clamp(min=0)
-            return j, torch.multinomial(residual / residual.sum(), 1, generator=generator)
+            total = residual.sum()
+            # p == q up to rounding leaves no residual mass (a rejection there has probability ~0): draw from p
+            return j, torch.multinomial(residual / total if total > 0 else p, 1, generator=generator)
     return len(drafts), select(logits[len(drafts)][None], sampling, generator)
 
 

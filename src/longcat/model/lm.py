@@ -195,7 +195,8 @@ class LongcatForCausalLM(nn.Module):
     def generate(self, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:  # noqa: ANN001
         """Prompt ids followed by new tokens, as transformers returns them. Keywords: max_new_tokens,
         do_sample, temperature, top_k, top_p, eos_token_id, speculative (None | "mtp"),
-        num_draft_tokens, seed, stats (a GenerationStats to fill)."""
+        num_draft_tokens, seed, stats (a GenerationStats to fill), compile (torch.compile'd decode steps;
+        the first call compiles). Prompts may be left- or right-padded (attention_mask)."""
         from ..inference.generate import generate
 
         return generate(self, input_ids, attention_mask, **kwargs)
