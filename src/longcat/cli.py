@@ -38,6 +38,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .accounting import model_report
 
     config, source = _load_config(args.target)
+    if args.seq_len < 1:
+        raise ConfigError(f"--seq-len must be a positive number of tokens, got {args.seq_len}")
+    if args.ffn_experts is not None and not 0 <= args.ffn_experts <= min(config.moe_topk, config.n_routed_experts):
+        raise ConfigError(
+            f"--ffn-experts must lie between 0 and moe_topk ({config.moe_topk}) FFN experts per token, "
+            f"got {args.ffn_experts}"
+        )
     report = model_report(config, seq_len=args.seq_len, ffn_experts_avg=args.ffn_experts)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -110,6 +117,11 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     for domain, info in meta["domains"].items():
         print(f"  {domain}: {info['train_docs']} training documents, {info['val_docs']} held out "
               f"({info['val_tokens']:,} tokens)")  # fmt: skip
+    bare = [domain for domain, info in meta["domains"].items() if not info["val_docs"]]
+    if bare:
+        print(f"note: {', '.join(bare)} held out nothing (one document, or too few for --val-fraction), so "
+              "training reports no validation loss for them; plain-text files in one folder form one domain",
+              file=sys.stderr)  # fmt: skip
     return 0
 
 

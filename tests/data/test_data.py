@@ -48,8 +48,9 @@ def test_split_is_order_independent_and_keeps_both_sides() -> None:
 def test_user_files_and_bad_input(tmp_path) -> None:
     (tmp_path / "notes.txt").write_text("hello world")
     (tmp_path / "more.jsonl").write_text(json.dumps({"text": "abc", "domain": "web"}) + "\n")
-    docs = list(read_documents([tmp_path]))
-    assert {(d.domain, d.text) for d in docs} == {("notes", "hello world"), ("web", "abc")}
+    docs = list(read_documents([tmp_path]))  # plain text in a folder: the folder is the domain
+    assert {(d.domain, d.text) for d in docs} == {(tmp_path.name, "hello world"), ("web", "abc")}
+    assert [d.domain for d in read_documents([tmp_path / "notes.txt"])] == ["notes"]
     (tmp_path / "bad.jsonl").write_text("{not json}\n")
     with pytest.raises(DataError, match="bad.jsonl:1"):
         list(read_documents([tmp_path / "bad.jsonl"]))
@@ -57,6 +58,42 @@ def test_user_files_and_bad_input(tmp_path) -> None:
         list(read_documents([tmp_path / "missing.txt"]))
     with pytest.raises(DataError, match="not a prepared data directory"):
         load_meta(tmp_path)
+
+
+def test_bad_files_and_outputs_are_named_and_nothing_is_lost(tmp_path, small_data) -> None:
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8"):
+        list(read_documents([tmp_path / "latin1.txt"]))
+    (tmp_path / "broken.txt.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(DataError, match="cannot be read"):
+        list(read_documents([tmp_path / "broken.txt.gz"]))
+    (tmp_path / "slash.jsonl").write_text(json.dumps({"text": "abc", "domain": "web/en"}) + "\n")
+    with pytest.raises(DataError, match="domain 'web/en'"):
+        list(read_documents([tmp_path / "slash.jsonl"]))
+    # an existing directory that is not prepared data is never replaced
+    precious = tmp_path / "thesis"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    (tmp_path / "a.txt").write_text("In the beginning. " * 50)
+    with pytest.raises(DataError, match="not a prepared data directory"):
+        prepare(precious, inputs=[str(tmp_path / "a.txt")], tokenizer_path=small_data / "tokenizer.json")
+    assert (precious / "thesis.tex").read_text() == "years of work"
+    with pytest.raises(DataError, match="val_fraction"):
+        prepare(tmp_path / "out", inputs=[str(tmp_path / "a.txt")], val_fraction=7)
+    # a failed prepare leaves no temporary directory behind
+    with pytest.raises(DataError):
+        prepare(tmp_path / "out", inputs=[str(tmp_path / "a.txt")], tokenizer_path=tmp_path / "a.txt")
+    assert not (tmp_path / "out.tmp").exists() and not (tmp_path / "out").exists()
+
+
+def test_repeated_titles_split_document_by_document() -> None:
+    from longcat.data.corpus import Document
+
+    docs = [Document("books", "chapter", f"text {i}") for i in range(400)]
+    train, val = split_documents(docs, 0.1)
+    assert 10 < len(val["books"]) < 80 and len(train) + len(val["books"]) == 400
+    two = [Document("d", "alpha", "x"), Document("d", "beta", "y")]
+    assert split_documents(two, 0.01)[1] == split_documents(two[::-1], 0.01)[1]  # not by input order
 
 
 def test_prepare_with_given_tokenizer(tmp_path, small_data) -> None:

@@ -144,3 +144,18 @@ def test_bench_train_reports_speedup_and_mfu(small_data, capsys) -> None:
     assert main([*args, "--data", str(small_data), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["speedup_vs_transformers"] > 0 and 0 < result["mfu"] < 1
+
+
+def test_data_without_held_out_text_reports_no_validation_loss(small_data, tmp_path, capsys) -> None:
+    """One plain-text file is one document: nothing is held out, and training says so instead of
+    logging a validation loss of 0."""
+    from longcat.data.prepare import prepare
+
+    (tmp_path / "book.txt").write_text("In the beginning God created the heaven and the earth. " * 200)
+    data = tmp_path / "data"
+    meta = prepare(data, inputs=[str(tmp_path / "book.txt")], tokenizer_path=small_data / "tokenizer.json")
+    assert meta["domains"]["book"]["val_docs"] == 0
+    train(tiny_train_config(data, max_steps=2, eval_every=1), tmp_path / "run", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows and not any("val_loss" in row for row in rows)
+    assert "no validation loss for domain(s) book" in capsys.readouterr().err

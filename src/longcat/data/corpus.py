@@ -1,8 +1,10 @@
 """Documents: the embedded corpus (two domains, see corpus/LICENSES.md) and users' own files.
 
-A user file is plain text (`.txt`, `.md`, `.rst`: one document per file) or JSON Lines (`.jsonl`:
-one document per line, its text under "text" and optionally its domain under "domain"); any of them
-may be compressed (`.gz`, `.xz`). A directory is read recursively.
+A user file is plain text (`.txt`, `.md`, `.rst`, `.text`: one document per file) or JSON Lines
+(`.jsonl`: one document per line, its text under "text" and optionally its domain under "domain");
+any of them may be compressed (`.gz`, `.xz`); suffixes match in any case. A directory is read
+recursively, skipping hidden files. Domains name validation files, so they are restricted to letters,
+digits, `_`, `-` and `.`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import gzip
 import json
 import lzma
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,32 +34,52 @@ class Document:
     text: str
 
 
+DOMAIN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
 def _open_text(path: Path):  # noqa: ANN202 - a text stream
-    if path.suffix == ".gz":
+    suffix = path.suffix.lower()
+    if suffix == ".gz":
         return gzip.open(path, "rt", encoding="utf-8")
-    if path.suffix == ".xz":
+    if suffix == ".xz":
         return lzma.open(path, "rt", encoding="utf-8")
     return open(path, encoding="utf-8")
 
 
 def _base_suffix(path: Path) -> str:
-    return Path(path.stem).suffix if path.suffix in (".gz", ".xz") else path.suffix
+    suffix = path.suffix.lower()
+    return Path(path.stem).suffix.lower() if suffix in (".gz", ".xz") else suffix
+
+
+def _checked_domain(domain: str, where: str) -> str:
+    if not DOMAIN_NAME.fullmatch(domain) or domain in (".", ".."):
+        raise DataError(f"{where}: domain {domain!r} must be letters, digits, '_', '-' or '.' (it names a file)")
+    return domain
+
+
+def _lines(path: Path) -> Iterator[str]:
+    """The file's lines (a whole plain-text file is read through here too); reading errors named."""
+    try:
+        with _open_text(path) as handle:
+            yield from handle
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text ({err}); convert it, e.g. iconv -f latin1 -t utf-8") from err
+    except (OSError, EOFError, lzma.LZMAError) as err:
+        raise DataError(f"{path} cannot be read ({err})") from err
 
 
 def _read_jsonl(path: Path, default_domain: str) -> Iterator[Document]:
-    with _open_text(path) as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{number} is not valid JSON ({err})") from err
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise DataError(f'{path}:{number} needs a "text" string field')
-            yield Document(
-                str(row.get("domain", default_domain)), str(row.get("title", f"{path.name}:{number}")), row["text"]
-            )
+    for number, line in enumerate(_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{number} is not valid JSON ({err})") from err
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise DataError(f'{path}:{number} needs a "text" string field')
+        domain = _checked_domain(str(row.get("domain", default_domain)), f"{path}:{number}")
+        yield Document(domain, str(row.get("title", f"{path.name}:{number}")), row["text"])
 
 
 def embedded_documents() -> Iterator[Document]:
@@ -65,19 +88,31 @@ def embedded_documents() -> Iterator[Document]:
 
 
 def read_documents(paths: list[str | os.PathLike]) -> Iterator[Document]:
-    """Documents from files and directories; the domain defaults to the file's name without suffixes."""
+    """Documents from files and directories. Default domains: a JSONL file's name without suffixes; for
+    plain-text files (one document each) the folder holding them inside a directory input, so that a
+    folder of books is one domain with documents to hold out, and the file's name for a file input."""
     for raw in paths:
         path = Path(raw)
         if not path.exists():
             raise DataError(f"input {path} does not exist")
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        if path.is_dir():
+            files = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file() and not any(part.startswith(".") for part in p.parts[len(path.parts) :])
+            )
+        else:
+            files = [path]
         for file in files:
             suffix = _base_suffix(file)
-            domain = file.name.split(".")[0]
+            stem = file.name.split(".")[0]
             if suffix == ".jsonl":
-                yield from _read_jsonl(file, domain)
+                yield from _read_jsonl(file, stem)
             elif suffix in TEXT_SUFFIXES:
-                with _open_text(file) as handle:
-                    yield Document(domain, file.name, handle.read())
+                folder = file.resolve().parent.name if path.is_dir() else stem
+                domain = _checked_domain(folder, str(file))
+                yield Document(
+                    domain, str(file.relative_to(path)) if path.is_dir() else file.name, "".join(_lines(file))
+                )
             elif not path.is_dir():
-                raise DataError(f"input {file}: unknown kind; use .txt/.md/.rst or .jsonl (optionally .gz/.xz)")
+                raise DataError(f"input {file}: unknown kind; use .txt/.md/.rst/.text or .jsonl (optionally .gz/.xz)")

@@ -19,6 +19,7 @@ import math
 import os
 import random
 import shutil
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -63,9 +64,12 @@ def write_tokenizer_config(out: Path, max_length: int) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _is_validation(doc: Document, fraction: float) -> bool:
-    digest = hashlib.sha1(f"{doc.domain}\0{doc.title}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") / 2**64 < fraction
+def _split_key(doc: Document, repeated_title: bool) -> float:
+    """A uniform number in [0, 1) from the document's domain and title (and its text where the title
+    repeats in the domain, so that documents sharing a title are split one by one)."""
+    text = f"\0{hashlib.sha1(doc.text.encode()).hexdigest()}" if repeated_title else ""
+    digest = hashlib.sha1(f"{doc.domain}\0{doc.title}{text}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64
 
 
 def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Document], dict[str, list[Document]]]:
@@ -75,12 +79,17 @@ def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Doc
     for doc in docs:
         by_domain.setdefault(doc.domain, []).append(doc)
     for domain, items in by_domain.items():
-        held = [d for d in items if _is_validation(d, val_fraction)]
-        kept = [d for d in items if not _is_validation(d, val_fraction)]
+        titles = Counter(d.title for d in items)
+        keys = {id(d): _split_key(d, titles[d.title] > 1) for d in items}
+        held = [d for d in items if keys[id(d)] < val_fraction]  # both sides keep the input order
+        kept = [d for d in items if keys[id(d)] >= val_fraction]
+        # a domain of two or more documents keeps one on each side, chosen by key, not by input order
         if len(items) >= 2 and not held:
-            held, kept = kept[-1:], kept[:-1]
+            moved = min(kept, key=lambda d: keys[id(d)])
+            held, kept = [moved], [d for d in kept if d is not moved]
         if not kept:
-            kept, held = held[:1], held[1:]
+            moved = max(held, key=lambda d: keys[id(d)])
+            kept, held = [moved], [d for d in held if d is not moved]
         train.extend(kept)
         if held:
             val[domain] = held
@@ -114,9 +123,14 @@ def prepare(
     seed: int = 0,
 ) -> dict:
     """Tokenize `inputs` (default: the embedded corpus) into `out_dir`; returns the metadata."""
-    from tokenizers import Tokenizer
 
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()
+    if not 0 < val_fraction < 1:
+        raise DataError(f"val_fraction must lie in (0, 1), got {val_fraction}")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "meta.json").is_file())):
+        raise DataError(
+            f"{out} exists and is not a prepared data directory; pick a new or empty --out (it is replaced whole)"
+        )
     docs = list(embedded_documents() if not inputs else read_documents(inputs))
     docs = [d for d in docs if d.text.strip()]
     if not docs:
@@ -125,6 +139,20 @@ def prepare(
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        meta = _write_prepared(tmp, train_docs, val_docs, tokenizer_path, vocab_size, seed, inputs)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return meta
+
+
+def _write_prepared(tmp: Path, train_docs, val_docs, tokenizer_path, vocab_size: int, seed: int, inputs) -> dict:  # noqa: ANN001, PLR0913
+    from tokenizers import Tokenizer
+
     if tokenizer_path is None:
         tokenizer = train_tokenizer((d.text for d in train_docs), vocab_size)
     else:
@@ -167,9 +195,6 @@ def prepare(
         "sources": inputs or ["embedded"],
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
     return meta
 
 

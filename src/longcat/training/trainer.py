@@ -157,6 +157,17 @@ class Trainer:
             for domain, info in self.meta["domains"].items()
             if info.get("val_docs")
         }
+        # a held-out stream shorter than one window gives no batch; say so instead of reporting 0 loss
+        short = [d for d, s in self.val_streams.items() if len(s.tokens) < cfg.seq_len + 1]
+        self.val_streams = {d: s for d, s in self.val_streams.items() if d not in short}
+        missing = [d for d in self.meta["domains"] if d not in self.val_streams]
+        if missing:
+            print(
+                f"longcat: no validation loss for domain(s) {', '.join(missing)}: they hold out no document or fewer "
+                f"than seq_len + 1 = {cfg.seq_len + 1} tokens (give each domain more documents, or raise val_fraction "
+                "in `longcat data prepare`)",
+                file=sys.stderr,
+            )
         self.out.mkdir(parents=True, exist_ok=True)
         if state is not None:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -413,7 +424,7 @@ class Trainer:
                         f"loss {row['loss']:.3f} | {row['tokens_per_s']:,.0f} tok/s | "
                         f"FFN experts/token {row['ffn_experts_mean']:.2f} (target {row['ffn_experts_target']:g})"
                     )
-                if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
+                if self.val_streams and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
                     last_eval = self.evaluate()
                     self._log(last_eval)
                     status += f" | val {last_eval['val_loss']:.3f}"
