@@ -159,3 +159,23 @@ def test_data_without_held_out_text_reports_no_validation_loss(small_data, tmp_p
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows and not any("val_loss" in row for row in rows)
     assert "no validation loss for domain(s) book" in capsys.readouterr().err
+
+
+def test_fresh_run_refuses_an_old_runs_metrics_and_resume_names_changed_settings(small_data, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    train(tiny_train_config(small_data, max_steps=2, save_every=2), out, progress=False)
+    (out / "checkpoints").rename(tmp_path / "elsewhere")  # as if the run died before its first checkpoint
+    with pytest.raises(TrainingError, match="metrics.jsonl"):
+        train(tiny_train_config(small_data, max_steps=2), out, progress=False)
+    (tmp_path / "elsewhere").rename(out / "checkpoints")
+    capsys.readouterr()
+    train(tiny_train_config(small_data, max_steps=3, lr=5e-3), out, resume=True, progress=False)
+    err = capsys.readouterr().err
+    assert "differ from the checkpoint's" in err and "lr" in err and "max_steps" in err
+
+
+def test_grad_clip_zero_means_no_clipping(small_data, tmp_path) -> None:
+    trainer = Trainer(tiny_train_config(small_data, max_steps=1, grad_clip=0.0, weight_decay=0.0), tmp_path / "run")
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train_step(monitor=True)
+    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))

@@ -41,18 +41,41 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(
     directory: Path, model, trainer_state: dict, extra_files: list[Path], zero_expert_stubs: bool = False
 ) -> Path:  # noqa: ANN001
-    """Write `directory` atomically (temporary sibling, then rename)."""
+    """Write `directory` atomically: a temporary sibling, flushed to disk, then renamed. An existing
+    checkpoint of that name is first renamed aside and deleted only after the new one is in place, so a
+    crash leaves one complete checkpoint under the name (or the old one aside), never a partial one."""
     tmp = directory.with_name(f".{directory.name}.tmp")
+    old = directory.with_name(f".{directory.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp, zero_expert_stubs=zero_expert_stubs)
     for file in extra_files:
         shutil.copy2(file, tmp / file.name)
     torch.save(trainer_state, tmp / STATE_FILE)
+    for path in tmp.iterdir():  # the weights are fsynced by save_pretrained; the rest here
+        with open(path, "rb+") as handle:
+            os.fsync(handle.fileno())
     if directory.exists():
-        shutil.rmtree(directory)
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(directory, old)
     os.replace(tmp, directory)
+    _fsync_directory(directory.parent)
+    shutil.rmtree(old, ignore_errors=True)
     return directory
+
+
+def _fsync_directory(path: Path) -> None:
+    """Make renames inside `path` durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -72,7 +95,8 @@ def prune_checkpoints(root: Path, keep: int) -> None:
 
 
 def load_trainer_state(directory: Path) -> dict:
-    return torch.load(directory / STATE_FILE, weights_only=False)
+    # on the CPU first: a state saved on a GPU loads anywhere; the optimizer moves it to its parameters
+    return torch.load(directory / STATE_FILE, weights_only=False, map_location="cpu")
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:

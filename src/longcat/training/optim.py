@@ -61,7 +61,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return peak * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "cosine":
         span = max(cfg.max_steps - cfg.warmup_steps, 1)
-        progress = min((step - cfg.warmup_steps) / span, 1.0)
+        progress = min((step - cfg.warmup_steps + 1) / span, 1.0)  # the last step lands on the floor, as WSD's
         return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     decay_steps = round(cfg.max_steps * cfg.decay_fraction)
     decay_start = cfg.max_steps - decay_steps

@@ -126,6 +126,11 @@ class Trainer:
         existing = list_checkpoints(self.ckpt_root)
         if existing and not resume:
             raise TrainingError(f"{self.out} already holds checkpoints; pass --resume or choose another --out")
+        if not resume and self.metrics_path.is_file():
+            raise TrainingError(
+                f"{self.out} already holds a run's metrics.jsonl (a run that died before its first checkpoint?); "
+                "choose another --out or delete that directory"
+            )
         if resume and not existing:
             raise TrainingError(f"--resume: {self.ckpt_root} holds no complete checkpoint to resume from")
         self.step, self.skipped, self.consecutive_bad, self.tokens_seen = 0, 0, 0, 0
@@ -170,6 +175,15 @@ class Trainer:
             )
         self.out.mkdir(parents=True, exist_ok=True)
         if state is not None:
+            saved = state.get("train_config") or {}
+            changed = sorted(k for k, v in cfg.to_dict().items() if k in saved and saved[k] != v)
+            if changed:
+                print(
+                    f"longcat: resuming with settings that differ from the checkpoint's: {', '.join(changed)}; "
+                    "where they shape training (batch, schedule, max_steps, lr, ...) the run will not match an "
+                    "uninterrupted one",
+                    file=sys.stderr,
+                )
             self.optimizer.load_state_dict(state["optimizer"])
             self.loader.load_state_dict(state["loader"])
             set_rng_state(state["rng"])
@@ -249,7 +263,10 @@ class Trainer:
                         ffn_sum[i] += n.sum()
                         ffn_sq[i] += n.pow(2).sum()
             tokens += batch.num_tokens
-        grad_norm_t = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        # grad_clip <= 0 means no clipping (the norm is still measured for the metrics)
+        grad_norm_t = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), cfg.grad_clip if (cfg.grad_clip or 0) > 0 else float("inf")
+        )
         finite = bool(finite_t & torch.isfinite(grad_norm_t))
         row = None
         if finite:
