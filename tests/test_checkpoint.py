@@ -184,3 +184,41 @@ def test_tied_embeddings_round_trip(tmp_path) -> None:
     loaded = LongcatForCausalLM.from_pretrained(tmp_path)
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     _same_weights(model, loaded)
+
+
+def test_quantised_and_unsupported_weights_are_refused_by_name(tmp_path) -> None:
+    _saved(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "fp8"}}))
+    with pytest.raises(CheckpointError, match="fp8 checkpoint"):
+        LongcatForCausalLM.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["lm_head.weight"].to(torch.float8_e4m3fn)
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="F8_E4M3"):
+        LongcatForCausalLM.from_pretrained(tmp_path)
+
+
+def test_auto_dtype_falls_back_to_the_stored_dtype(tmp_path) -> None:
+    model = _saved(tmp_path)
+    model.to(torch.bfloat16).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("torch_dtype", None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert LongcatForCausalLM.from_pretrained(tmp_path).dtype == torch.bfloat16
+
+
+def test_mtp_weights_without_an_mtp_layer_in_the_config_are_skipped(tmp_path) -> None:
+    _saved(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 0}))
+    with pytest.warns(UserWarning, match="model.mtp"):
+        model = LongcatForCausalLM.from_pretrained(tmp_path)
+    assert model.model.mtp is None
+
+
+def test_saving_settings_transformers_does_not_model_warns(tmp_path) -> None:
+    model = LongcatForCausalLM(random_tiny_config(0, norm_topk_prob=True), seed=0)
+    with pytest.warns(UserWarning, match="norm_topk_prob=True"):
+        model.save_pretrained(tmp_path)

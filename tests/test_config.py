@@ -31,15 +31,20 @@ def test_unknown_preset_and_override() -> None:
 def test_json_round_trip_keeps_unknown_fields(tmp_path) -> None:
     config = LongcatConfig.from_preset("tiny")
     data = config.to_dict()
+    data["attention_method"] = "MLA"
+    data["some_future_field"] = {"nested": [1, 2]}
+    # keys describing the files, not the model, are not carried to what we write: auto_map would point
+    # at remote-code files we do not copy, quantization_config at FP8 weights we do not write
     data["auto_map"] = {"AutoModel": "modeling_longcat_flash.Model"}
     data["quantization_config"] = {"weight_block_size": [128, 128]}
     path = tmp_path / "config.json"
     path.write_text(json.dumps(data))
     loaded = LongcatConfig.from_json_file(path)
-    assert loaded.extra["auto_map"] == data["auto_map"]
+    assert loaded.extra["some_future_field"] == data["some_future_field"]
     loaded.to_json_file(tmp_path / "again.json")
     again = json.loads((tmp_path / "again.json").read_text())
-    assert again["quantization_config"] == data["quantization_config"]
+    assert again["attention_method"] == "MLA" and again["some_future_field"] == {"nested": [1, 2]}
+    assert "auto_map" not in again and "quantization_config" not in again
     assert again["rope_parameters"] == {"rope_type": "default", "rope_theta": config.rope_theta}
     assert again["rope_theta"] == config.rope_theta and again["qk_head_dim"] == config.qk_head_dim
     assert LongcatConfig.from_dict(again) == loaded
@@ -68,11 +73,19 @@ def test_remote_code_fields_are_honoured() -> None:
     assert config.q_lora_scale == 1.0 and config.kv_lora_scale > 1.0
     assert config.zero_expert_num == 0 and config.extra["attention_method"] == "MLA"
     assert config.router_bias and config.norm_topk_prob
-    # the remote code's null zero_expert_type is moot without zero experts; with them it must be named
-    data.update(zero_expert_type=None, zero_expert_num=0)
+    # the remote code's null zero_expert_type means identity experts, as transformers treats them
+    data.update(zero_expert_type=None, zero_expert_num=4)
     assert LongcatConfig.from_dict(data).zero_expert_type == "identity"
-    with pytest.raises(ConfigError, match="zero_expert_type"):
-        LongcatConfig.from_dict({**data, "zero_expert_num": 4})
+    # transformers 5.x's generic names for four fields
+    aliased = {**data, "num_experts_per_tok": 3, "num_local_experts": 12, "intermediate_size": 40,
+               "moe_intermediate_size": 24}  # fmt: skip
+    for name in ("moe_topk", "n_routed_experts", "ffn_hidden_size", "expert_ffn_hidden_size"):
+        aliased.pop(name)
+    config = LongcatConfig.from_dict(aliased)
+    assert (config.moe_topk, config.n_routed_experts, config.ffn_hidden_size, config.expert_ffn_hidden_size) == (
+        3, 12, 40, 24)  # fmt: skip
+    with pytest.raises(ConfigError, match="num_experts_per_tok"):
+        LongcatConfig.from_dict({**data, "num_experts_per_tok": data["moe_topk"] + 1})
 
 
 @pytest.mark.parametrize(

@@ -122,6 +122,27 @@ def _write_atomic(path: Path, write) -> None:  # noqa: ANN001 - write(tmp_path) 
         raise
 
 
+def _warn_where_transformers_differs(config: LongcatConfig) -> None:
+    """transformers' longcat_flash does not model these settings (checkpoint-contract §2.2): it always
+    applies both MLA scales, never renormalises the top-k gates and treats zero experts as identity."""
+    differs = [
+        name
+        for name, odd in (
+            ("mla_scale_q_lora=False", not config.mla_scale_q_lora),
+            ("mla_scale_kv_lora=False", not config.mla_scale_kv_lora),
+            ("norm_topk_prob=True", config.norm_topk_prob),
+            ("zero_expert_type='drop'", config.zero_expert_type == "drop" and config.zero_expert_num > 0),
+        )
+        if odd
+    ]
+    if differs:
+        warnings.warn(
+            f"this config has {', '.join(differs)}, which transformers' longcat_flash ignores: the checkpoint "
+            "loads there but computes differently (it loads here, and in the remote code, as saved)",
+            stacklevel=3,
+        )
+
+
 def save_pretrained(
     model: LongcatForCausalLM,
     path: str | os.PathLike,
@@ -140,6 +161,7 @@ def save_pretrained(
     one does not use are removed after the new ones are in place."""
     from safetensors.torch import save_file
 
+    _warn_where_transformers_differs(model.config)
     limit = _parse_size(max_shard_size)
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -216,6 +238,9 @@ def resolve_checkpoint_dir(path: str | os.PathLike, revision: str | None = None)
                 f"{text} is not a local directory; to fetch it from the Hugging Face Hub install "
                 "huggingface_hub (pip install huggingface_hub)"
             ) from err
+        config_only = Path(snapshot_download(text, revision=revision, allow_patterns=[CONFIG_NAME]))
+        if (config_only / CONFIG_NAME).is_file():
+            refuse_quantised(config_only / CONFIG_NAME)  # before downloading the weights
         patterns = ["*.json", "*.safetensors", "tokenizer*", "*.jinja"]
         return Path(snapshot_download(text, revision=revision, allow_patterns=patterns))
     raise CheckpointError(f"checkpoint directory {text} does not exist")
@@ -246,11 +271,12 @@ def _weight_files(root: Path) -> list[Path]:
     raise CheckpointError(f"{root} holds no *.safetensors weights: it is not a checkpoint directory")
 
 
-def _read_headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
-    """key -> (file, shape), from the headers only; a truncated or corrupt file raises here."""
+def _read_headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...], str]]:
+    """key -> (file, shape, stored dtype such as "BF16"), from the headers only; a truncated or corrupt
+    file raises here."""
     from safetensors import safe_open
 
-    found: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    found: dict[str, tuple[Path, tuple[int, ...], str]] = {}
     for file in files:
         size = file.stat().st_size
         try:
@@ -260,7 +286,8 @@ def _read_headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
                 for key in keys:
                     if key in found:
                         raise CheckpointError(f"tensor {key} appears in both {found[key][0].name} and {file.name}")
-                    found[key] = (file, tuple(handle.get_slice(key).get_shape()))
+                    piece = handle.get_slice(key)
+                    found[key] = (file, tuple(piece.get_shape()), str(piece.get_dtype()))
         except CheckpointError:
             raise
         except Exception as err:  # safetensors raises its own error types for bad headers
@@ -281,13 +308,35 @@ def _read_headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
     return found
 
 
-def _resolve_dtype(dtype: torch.dtype | str | None, config: LongcatConfig) -> torch.dtype:
+_STORED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def refuse_quantised(config_path: Path) -> None:
+    """Quantised releases (FP8 weights with block scales) are not supported: say so from config.json
+    alone, before any weights are read or downloaded."""
+    try:
+        data = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return  # reading the config properly reports it
+    quant = data.get("quantization_config") or data.get("quant_config") if isinstance(data, dict) else None
+    if quant:
+        method = quant.get("quant_method", "quantised") if isinstance(quant, dict) else "quantised"
+        raise CheckpointError(
+            f"{config_path.parent} is a {method} checkpoint (quantization_config in config.json); only unquantised "
+            "float32/float16/bfloat16 weights load here: use the bf16 release, e.g. meituan-longcat/LongCat-Flash-Chat"
+        )
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, config: LongcatConfig, stored: str | None = None) -> torch.dtype:
+    """ "auto": the config's torch_dtype, else the dtype the embedding is stored in (as transformers does)."""
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        return _DTYPES.get(config.torch_dtype or "float32", torch.float32)
+        if config.torch_dtype in _DTYPES:
+            return _DTYPES[config.torch_dtype]
+        return _STORED_DTYPES.get(stored or "F32", torch.float32)
     if dtype in _DTYPES:
         return _DTYPES[dtype]
     raise ValueError(f"dtype {dtype!r} is not one of 'auto', {sorted(_DTYPES)} or a torch.dtype")
@@ -312,13 +361,28 @@ def load_pretrained(
     config_path = root / CONFIG_NAME
     if not config_path.is_file():
         raise CheckpointError(f"{root} has no {CONFIG_NAME}: it is not a checkpoint directory")
+    refuse_quantised(config_path)
     try:
         config = LongcatConfig.from_json_file(config_path)
     except ConfigError as err:
         raise ConfigError(f"{config_path}: {err}") from err
     found = _read_headers(_weight_files(root))
+    unsupported = sorted({dtype for _file, _shape, dtype in found.values()} - _STORED_DTYPES.keys())
+    if unsupported:
+        raise CheckpointError(
+            f"{root} stores tensors as {', '.join(unsupported)}; only float32, float16 and bfloat16 weights load "
+            "here (an FP8 release needs its bf16 counterpart, e.g. meituan-longcat/LongCat-Flash-Chat)"
+        )
 
     has_mtp = any(key.startswith("model.mtp.") for key in found)
+    if has_mtp and config.num_nextn_predict_layers == 0:
+        # as transformers does: a config without an MTP layer ignores the MTP weights
+        warnings.warn(
+            f"{root}: num_nextn_predict_layers is 0, so the model.mtp.* weights are not loaded",
+            stacklevel=2,
+        )
+        found = {key: value for key, value in found.items() if not key.startswith("model.mtp.")}
+        has_mtp = False
     if config.num_nextn_predict_layers > 0 and not has_mtp:
         # transformers drops model.mtp.* on load and so never saves it: load the main model alone
         warnings.warn(
@@ -327,7 +391,8 @@ def load_pretrained(
             stacklevel=2,
         )
         config.num_nextn_predict_layers = 0
-    target_dtype = _resolve_dtype(dtype, config)
+    embedding = found.get("model.embed_tokens.weight")
+    target_dtype = _resolve_dtype(dtype, config, embedding[2] if embedding else None)
     model = cls(config, device="meta", dtype=target_dtype)
     layout = disk_layout(model)
 

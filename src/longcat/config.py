@@ -32,6 +32,16 @@ _DERIVED_KEYS = {
     "dtype",
     "torch_dtype",
 }
+# keys that describe the files a config came with, not the model: our saves write unquantised weights
+# and no remote code, so these are not carried over (auto_map would point at .py files not there)
+_FILE_KEYS = {"auto_map", "quantization_config", "quant_config", "disable_quant_module"}
+# transformers 5.x's attribute_map: generic names it accepts for these fields
+_ATTRIBUTE_MAP = {
+    "num_local_experts": "n_routed_experts",
+    "num_experts_per_tok": "moe_topk",
+    "intermediate_size": "ffn_hidden_size",
+    "moe_intermediate_size": "expert_ffn_hidden_size",
+}
 _ZERO_EXPERT_TYPES = ("identity", "drop")
 
 
@@ -85,8 +95,8 @@ class LongcatConfig:
             self.head_dim = self.qk_rope_head_dim
         if self.zero_expert_num is None:
             self.zero_expert_num = 0
-        if self.zero_expert_type is None and self.zero_expert_num == 0:
-            self.zero_expert_type = "identity"  # the remote code's null default; moot without zero experts
+        if self.zero_expert_type is None:
+            self.zero_expert_type = "identity"  # the remote code's null default; transformers treats them so
 
     # ----- derived sizes -------------------------------------------------------------------
     @property
@@ -203,10 +213,18 @@ class LongcatConfig:
         kwargs: dict[str, Any] = {}
         extra: dict[str, Any] = {}
         rope_parameters = data.get("rope_parameters")
+        for alias, name in _ATTRIBUTE_MAP.items():  # transformers 5.x's generic names for our fields
+            if alias in data and name in data and data[alias] != data[name]:
+                raise ConfigError(
+                    f"config has {alias} = {data[alias]!r} and {name} = {data[name]!r}, which transformers treats "
+                    f"as one field; keep {name} only"
+                )
         for key, value in data.items():
-            if key in known:
+            if key in _ATTRIBUTE_MAP:
+                kwargs[_ATTRIBUTE_MAP[key]] = value
+            elif key in known:
                 kwargs[key] = value
-            elif key not in _DERIVED_KEYS:
+            elif key not in _DERIVED_KEYS and key not in _FILE_KEYS:
                 extra[key] = value
         if kwargs.get("torch_dtype") is None:
             kwargs["torch_dtype"] = data.get("dtype") or data.get("torch_dtype")

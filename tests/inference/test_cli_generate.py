@@ -92,6 +92,13 @@ def test_checkpoint_chat_templates(trained, tmp_path) -> None:
     config_path.write_text(json.dumps(config))
     (root / "chat_template.jinja").write_text("[{{ messages[0].content }}]")
     assert CheckpointTokenizer(root).chat(messages) == "[hi]"
+    # what transformers' environment offers templates: loop controls, tojson, tools
+    (root / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m.content }}{% endfor %}"
+        "{% if tools %}|{{ tools | tojson }}{% endif %}"
+    )
+    two = [*messages, {"role": "user", "content": "again"}]
+    assert CheckpointTokenizer(root).chat(two, tools=[{"name": "f"}]) == 'hi|[{"name": "f"}]'
 
 
 def test_generate_cli_flag_mistakes_and_hub_ids(trained, capsys, monkeypatch) -> None:

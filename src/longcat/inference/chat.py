@@ -68,23 +68,40 @@ class CheckpointTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def chat(self, messages: list[dict[str, str]]) -> str:
+    def chat(self, messages: list[dict[str, str]], tools: list[dict] | None = None) -> str:
         if self.chat_template:
-            try:
-                from jinja2.sandbox import ImmutableSandboxedEnvironment
-            except ImportError as err:
-                raise CheckpointError("this tokenizer's chat_template needs jinja2: pip install jinja2") from err
-
-            def raise_exception(message: str) -> None:
-                raise GenerationError(f"the checkpoint's chat template refused the messages: {message}")
-
-            # the environment transformers renders templates in (sandboxed, same whitespace rules)
-            environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            environment.globals["raise_exception"] = raise_exception
-            template = environment.from_string(self.chat_template)
-            tokens = {"bos_token": "", "eos_token": "", **self.special_tokens}
-            return template.render(messages=messages, add_generation_prompt=True, **tokens)
+            return self._render(messages, tools)
+        if tools:
+            raise GenerationError("tools need a checkpoint whose chat template renders them; this one has none")
         return longcat_chat_prompt(messages)
+
+    def _render(self, messages: list[dict[str, str]], tools: list[dict] | None) -> str:
+        """The template in the environment transformers renders chat templates in: sandboxed, the same
+        whitespace rules, loop controls, `raise_exception`, `strftime_now` and a `tojson` filter."""
+        try:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        except ImportError as err:
+            raise CheckpointError("this tokenizer's chat_template needs jinja2: pip install jinja2") from err
+        import datetime
+
+        def raise_exception(message: str) -> None:
+            raise GenerationError(f"the checkpoint's chat template refused the messages: {message}")
+
+        def tojson(value: object, ensure_ascii: bool = False, indent: int | None = None, separators=None,  # noqa: ANN001
+                   sort_keys: bool = False) -> str:  # fmt: skip
+            return json.dumps(
+                value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+            )
+
+        environment = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
+        environment.filters["tojson"] = tojson
+        environment.globals["raise_exception"] = raise_exception
+        environment.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+        template = environment.from_string(self.chat_template)
+        tokens = {"bos_token": "", "eos_token": "", **self.special_tokens}
+        return template.render(messages=messages, tools=tools, add_generation_prompt=True, **tokens)
 
 
 def _pick_template(value: object) -> str | None:
