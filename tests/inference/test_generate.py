@@ -101,22 +101,38 @@ def test_greedy_speculative_equals_plain_greedy(drafts: int) -> None:
                           stats=stats)  # fmt: skip
     assert torch.equal(spec, plain)
     assert stats.new_tokens == 20 and stats.drafted > 0 and stats.main_forwards < 20
+    if drafts == 1:  # acceptance against the slow reference: the MTP head run over the final sequence
+        seq = model.generate([prompt], max_new_tokens=23, eos_token_id=[])[0].tolist()
+        with torch.no_grad():
+            draft_of = model(torch.tensor([seq]), return_mtp=True).mtp_logits[0].argmax(-1)  # [i]: token i + 2
+        m, emitted, forwards, accepted = len(prompt), 1, 0, 0  # m: the chosen token not yet in the cache
+        while emitted < 20:
+            hit = int(draft_of[m - 1]) == seq[m + 1]
+            forwards, accepted, emitted, m = forwards + 1, accepted + hit, emitted + 1 + hit, m + 1 + hit
+        assert (stats.main_forwards, stats.accepted) == (forwards, accepted) and accepted > 0
 
 
 @pytest.mark.slow
 def test_compiled_decoding_matches_eager() -> None:
-    model = _model(10, hidden_size=48, expert_ffn_hidden_size=16)
-    prompt = [7, 1, 8, 2, 8]
+    model = _model(5)
+    prompt = [7, 1, 8, 2, 8, 1, 8]
     eager = model.generate([prompt], max_new_tokens=12, eos_token_id=[])
     assert torch.equal(model.generate([prompt], max_new_tokens=12, eos_token_id=[], compile=True), eager)
-    # greedy speculation compiles one graph per round; two drafts also chain through the MTP layer
-    stats = GenerationStats()
-    spec = model.generate(
-        [prompt], max_new_tokens=12, eos_token_id=[], compile=True, speculative="mtp", num_draft_tokens=2,
-        stats=stats,
-    )  # fmt: skip
-    assert torch.equal(spec, eager)
+    # a left-padded batch: the static cache's key mask keeps the pads out
+    batch = [[5, 9, 2, 7, 11], [4, 8]]
+    assert torch.equal(
+        model.generate(batch, max_new_tokens=6, eos_token_id=[], compile=True),
+        model.generate(batch, max_new_tokens=6, eos_token_id=[]),
+    )
+    # greedy speculation compiles one graph per round; two drafts also chain through the MTP layer, and
+    # accepted drafts leave several pending pairs for the next round: same rounds as the eager loop
+    stats, eager_stats = GenerationStats(), GenerationStats()
+    kwargs = dict(max_new_tokens=12, eos_token_id=[], speculative="mtp", num_draft_tokens=2)
+    spec = model.generate([prompt], compile=True, stats=stats, **kwargs)
+    assert torch.equal(spec, eager) and torch.equal(model.generate([prompt], stats=eager_stats, **kwargs), eager)
     assert stats.drafted == 2 * stats.main_forwards and stats.new_tokens == 12
+    assert (stats.main_forwards, stats.accepted) == (eager_stats.main_forwards, eager_stats.accepted)
+    assert stats.accepted > 0
 
 
 @pytest.mark.slow
@@ -173,6 +189,19 @@ def test_sampling_is_reproducible_with_a_seed() -> None:
     s1 = model.generate([[1, 2, 3]], seed=3, speculative="mtp", num_draft_tokens=2, **kwargs)
     s2 = model.generate([[1, 2, 3]], seed=3, speculative="mtp", num_draft_tokens=2, **kwargs)
     assert torch.equal(s1, s2)
+
+
+def test_sampling_with_top_k_1_is_greedy_plain_and_speculative() -> None:
+    """A one-token nucleus leaves nothing to chance: the sampled paths (the speculative one through its
+    rejection rule, drafting by sampling) must then give exactly the greedy output."""
+    model = _model(5)
+    prompt = [7, 1, 8, 2, 8, 1, 8]
+    greedy = model.generate([prompt], max_new_tokens=16, eos_token_id=[])
+    sampled = dict(max_new_tokens=16, eos_token_id=[], do_sample=True, top_k=1, seed=0)
+    assert torch.equal(model.generate([prompt], **sampled), greedy)
+    stats = GenerationStats()
+    spec = model.generate([prompt], speculative="mtp", num_draft_tokens=2, stats=stats, **sampled)
+    assert torch.equal(spec, greedy) and stats.accepted > 0
 
 
 def test_rejection_rule_keeps_the_main_distribution() -> None:

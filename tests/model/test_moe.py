@@ -53,8 +53,9 @@ def test_decode_paths_match_loop(path: str, tokens: int) -> None:
     fast = getattr(moe.experts, path)(x, routing.indices, routing.weights)
     ref = experts_reference(moe.experts, x, routing.indices, routing.weights)
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=2e-5)
-    g_fast = torch.autograd.grad(fast.sum(), [x, moe.experts.down_proj], retain_graph=True)
-    g_ref = torch.autograd.grad(ref.sum(), [x, moe.experts.down_proj])
+    params = [x, moe.experts.gate_up_proj, moe.experts.down_proj, moe.router.classifier.weight]
+    g_fast = torch.autograd.grad(fast.sum(), params, retain_graph=True)
+    g_ref = torch.autograd.grad(ref.sum(), params)
     for a, b in zip(g_fast, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)
 

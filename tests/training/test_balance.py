@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from tests.conftest import random_tiny_config
 
@@ -48,6 +49,29 @@ def test_controller_step_reads_and_clears_counts_and_only_moves_ffn_biases() -> 
     assert torch.all(moe.router.e_score_correction_bias[4:] == 0)
     assert moe.router.expert_counts.sum() == 0
     assert abs(report.ffn_experts_per_token - float(counts[:4].sum() / 30)) < 1e-6
+    load = counts[:4]
+    assert float(report.max_violation) == pytest.approx(float((load.max() - load.mean()) / load.mean()))
+
+
+def test_controller_step_with_split_rates_and_an_idle_layer() -> None:
+    """The training default: the budget and load-evening parts at their own decayed rates; a layer that
+    saw no tokens keeps its biases."""
+    from longcat.model.moe import MoE
+
+    config = random_tiny_config(1, n_routed_experts=4, zero_expert_num=2, moe_topk=2)
+    busy, idle = MoE(config), MoE(config)
+    for moe in (busy, idle):
+        moe.router.reset_parameters(std=0.1)
+        moe.train()
+    busy(torch.randn(12, config.hidden_size))
+    counts = busy.router.expert_counts.clone()
+    controller = BudgetController(4, 2, target_ffn_experts=1.0, rate=0.4, final_rate_ratio=0.25, total_steps=10,
+                                  balance_rate=0.1, budget_final_ratio=1.0)  # fmt: skip
+    controller.step([busy, idle], step=6)
+    budget_rate, balance_rate = 0.4, 0.1 * (1 - 0.75 * 0.6)  # only the load-evening part decays
+    expected = controller.bias_delta(counts, 12.0, budget_rate, balance_rate)
+    torch.testing.assert_close(busy.router.e_score_correction_bias, expected)
+    assert torch.all(idle.router.e_score_correction_bias == 0)
 
 
 def test_split_rates_decay_separately() -> None:

@@ -50,6 +50,21 @@ def test_router_cosine_of_identical_rows_is_one() -> None:
         for moe in model.moe_layers():
             moe.router.classifier.weight.copy_(torch.ones_like(moe.router.classifier.weight))
     assert router_cosine(model) == pytest.approx(1.0)
+    # random rows against the obvious loop over distinct pairs (each row with itself left out)
+    with torch.no_grad():
+        for moe in model.moe_layers():
+            torch.nn.init.normal_(moe.router.classifier.weight)
+    per_layer = []
+    for moe in model.moe_layers():
+        rows = moe.router.classifier.weight.detach()
+        pairs = [
+            float(torch.nn.functional.cosine_similarity(rows[i], rows[j], dim=0))
+            for i in range(len(rows))
+            for j in range(len(rows))
+            if i != j
+        ]
+        per_layer.append(sum(pairs) / len(pairs))
+    assert router_cosine(model) == pytest.approx(sum(per_layer) / len(per_layer), abs=1e-6)
 
 
 def test_overrides_and_bad_fields(tmp_path) -> None:

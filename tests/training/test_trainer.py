@@ -79,7 +79,7 @@ def _cli(args: list[str]) -> subprocess.Popen:
 
 
 def test_kill_9_then_resume_matches_uninterrupted_run(small_data, tmp_path) -> None:
-    cfg = tiny_train_config(small_data, max_steps=16, eval_every=5, log_every=3)
+    cfg = tiny_train_config(small_data, max_steps=96, eval_every=30, log_every=3)
     (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
     common = ["--config", str(tmp_path / "cfg.json"), "--deterministic"]
     # the reference: never stopped, never saved before the end
@@ -92,9 +92,13 @@ def test_kill_9_then_resume_matches_uninterrupted_run(small_data, tmp_path) -> N
         assert victim.poll() is None, victim.stderr.read().decode()
         assert time.time() < deadline
         time.sleep(0.02)
-    time.sleep(0.3)
+    time.sleep(0.05)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
+    # the kill came mid-run: no final model yet, and training resumes from a checkpoint before the end
+    assert not (tmp_path / "run" / "final").exists()
+    saved = sorted(int(p.name.split("_")[1]) for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert saved and saved[-1] < cfg.max_steps - 3, saved
     resumed = _cli(["--out", str(tmp_path / "run"), "--resume"])
     assert resumed.wait(timeout=240) == 0, resumed.stderr.read().decode()
     assert weights_hash(tmp_path / "run" / "final") == weights_hash(tmp_path / "ref" / "final")
