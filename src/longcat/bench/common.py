@@ -48,11 +48,14 @@ def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: 
         for _ in range(warmup):
             fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    names = list(fns)
+    for round_index in range(rounds):
+        # the order rotates every round, so no function always follows the same one (caches, allocator)
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
             _sync()
             start = time.perf_counter()
-            fn()
+            fns[name]()
             _sync()
             samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in samples.items()}

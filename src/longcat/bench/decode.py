@@ -10,6 +10,7 @@ Without --checkpoint the model is the `small` preset with seeded random weights.
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 
@@ -29,11 +30,24 @@ def _best_time(fn, repeats: int) -> float:  # noqa: ANN001
     return best
 
 
-def _decode_rate(generate, prompt: torch.Tensor, new_tokens: int, repeats: int) -> float:  # noqa: ANN001
-    """Tokens per second of decoding alone."""
-    one = _best_time(lambda: generate(prompt, 1), repeats)
-    full = _best_time(lambda: generate(prompt, new_tokens), repeats)
-    return (new_tokens - 1) / max(full - one, 1e-9)
+def _decode_rates(generators: dict, prompt: torch.Tensor, new_tokens: int, repeats: int) -> dict[str, float]:
+    """Tokens per second of decoding alone for each generate(prompt, n): (n - 1) over the median time of
+    an n-token call less the median time of a one-token call (which holds the prefill). The sides take
+    turns within every repeat, in an order that rotates, so drift in machine speed hits them alike."""
+    names = list(generators)
+    one: dict[str, list[float]] = {name: [] for name in names}
+    full: dict[str, list[float]] = {name: [] for name in names}
+    for repeat in range(repeats):
+        shift = repeat % len(names)
+        for name in names[shift:] + names[:shift]:
+            for count, samples in ((1, one), (new_tokens, full)):
+                start = time.perf_counter()
+                generators[name](prompt, count)
+                samples[name].append(time.perf_counter() - start)
+    return {
+        name: (new_tokens - 1) / max(statistics.median(full[name]) - statistics.median(one[name]), 1e-9)
+        for name in names
+    }
 
 
 def _held_out_prompts(tokenizer, count: int, length: int) -> list[list[int]]:  # noqa: ANN001
@@ -78,7 +92,7 @@ def run(
     if twin is not None:
 
         def theirs(prompt: torch.Tensor, n: int) -> torch.Tensor:
-            with torch.no_grad():
+            with torch.inference_mode():  # as ours decodes
                 return twin.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
 
     for context in contexts:
@@ -86,13 +100,15 @@ def run(
             continue
         prompt = torch.randint(3, V, (1, context), generator=torch.Generator().manual_seed(context))
         ours_compiled(prompt, new_tokens)  # compile outside the timing
-        rates = {
-            "longcat": _decode_rate(ours, prompt, new_tokens, repeats),
-            "longcat_compiled": _decode_rate(ours_compiled, prompt, new_tokens, repeats),
-        }
+        sides = {"longcat": ours, "longcat_compiled": ours_compiled}
         if twin is not None:
-            rates["transformers"] = _decode_rate(theirs, prompt, new_tokens, repeats)
-            same = torch.equal(ours(prompt, 16), theirs(prompt, 16))
+            sides["transformers"] = theirs
+        rates = _decode_rates(sides, prompt, new_tokens, repeats)
+        if twin is not None:
+            reference = theirs(prompt, new_tokens)
+            same = torch.equal(ours(prompt, new_tokens), reference) and torch.equal(
+                ours_compiled(prompt, new_tokens), reference
+            )
             result[f"same_greedy_output_{context}"] = same
             result[f"speedup_vs_transformers_{context}"] = rates["longcat_compiled"] / rates["transformers"]
             result[f"speedup_vs_transformers_{context}_eager"] = rates["longcat"] / rates["transformers"]
