@@ -183,3 +183,21 @@ def test_grad_clip_zero_means_no_clipping(small_data, tmp_path) -> None:
     before = [p.detach().clone() for p in trainer.model.parameters()]
     trainer.train_step(monitor=True)
     assert any(not torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
+
+
+def test_grad_norm_ratio_matches_separate_backward_passes(small_data, tmp_path) -> None:
+    """R_g (Eq. 9) from one backward of the whole loss (the balance part in closed form, the LM part as
+    the rest) against the slow way: the two parts' gradients on the router probabilities by separate
+    backward passes. Two micro-batches, as the trainer scales the loss by 1 / grad_accum."""
+    trainer = Trainer(tiny_train_config(small_data, grad_accum=2, lb_alpha=0.5), tmp_path / "run")
+    batch = trainer.loader.next_batch()
+    total, parts, routings, _out = trainer._losses(batch, use_mtp=False)
+    probs = [routing.probs for routing, _f in routings]
+    balance = trainer.cfg.lb_alpha * parts["lb"]
+    g_rest = torch.autograd.grad(total - balance, probs, retain_graph=True)
+    g_balance = torch.autograd.grad(balance, probs, retain_graph=True)
+    ratios = [float(b.sum(0).norm() / r.sum(0).norm()) for b, r in zip(g_balance, g_rest)]
+    for p in probs:
+        p.retain_grad()
+    (total / trainer.cfg.grad_accum).backward()
+    assert trainer._grad_norm_ratio(routings) == pytest.approx(sum(ratios) / len(ratios), rel=1e-4)
