@@ -270,8 +270,10 @@ class Trainer:
         finite = bool(finite_t & torch.isfinite(grad_norm_t))
         row = None
         if finite:
+            monitor_start = time.perf_counter()
             small_share = small_gradient_share(self.model, cfg.adam_eps) if monitor else None
             rg = self._grad_norm_ratio(rg_inputs) if monitor else None
+            monitor_seconds = time.perf_counter() - monitor_start  # left out of tokens_per_s
             self.optimizer.step()
             budget = self.controller.step(self.model.moe_layers(), self.step)
             self.consecutive_bad = 0
@@ -283,7 +285,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += tokens
-        elapsed = time.perf_counter() - start
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()  # the clock must see the step's kernels finish
+        elapsed = time.perf_counter() - start - (monitor_seconds if finite else 0.0)
         if not finite:
             if self.consecutive_bad >= cfg.max_nonfinite:
                 raise TrainingError(
