@@ -222,3 +222,9 @@ def test_saving_settings_transformers_does_not_model_warns(tmp_path) -> None:
     model = LongcatForCausalLM(random_tiny_config(0, norm_topk_prob=True), seed=0)
     with pytest.warns(UserWarning, match="norm_topk_prob=True"):
         model.save_pretrained(tmp_path)
+
+
+def test_float64_checkpoints_load(tmp_path) -> None:
+    model = LongcatForCausalLM(random_tiny_config(2), seed=2).double()
+    model.save_pretrained(tmp_path)
+    assert LongcatForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).dtype == torch.float64

@@ -102,6 +102,15 @@ def _parse_size(size: int | str) -> int:
     return int(float(match.group(1)) * factor)
 
 
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a file's data to disk through a read-only descriptor (works for read-only files too)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_atomic(path: Path, write) -> None:  # noqa: ANN001 - write(tmp_path) callback
     """Write through a temporary file in the same directory, flushed to disk, then rename it over
     `path`, so a crash leaves the old file or the new one, never half of one. The temporary file is
@@ -113,8 +122,7 @@ def _write_atomic(path: Path, write) -> None:  # noqa: ANN001 - write(tmp_path) 
         mode = os.stat(tmp).st_mode & 0o777
         write(tmp)
         os.chmod(tmp, mode)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -308,7 +316,7 @@ def _read_headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...], s
     return found
 
 
-_STORED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_STORED_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def refuse_quantised(config_path: Path) -> None:
@@ -370,7 +378,7 @@ def load_pretrained(
     unsupported = sorted({dtype for _file, _shape, dtype in found.values()} - _STORED_DTYPES.keys())
     if unsupported:
         raise CheckpointError(
-            f"{root} stores tensors as {', '.join(unsupported)}; only float32, float16 and bfloat16 weights load "
+            f"{root} stores tensors as {', '.join(unsupported)}; only float64/32/16 and bfloat16 weights load "
             "here (an FP8 release needs its bf16 counterpart, e.g. meituan-longcat/LongCat-Flash-Chat)"
         )
 

@@ -1,8 +1,10 @@
 """LongcatConfig: the model configuration, with the Hugging Face `longcat_flash` field names.
 
 `config.json` written by transformers 4.57 (`rope_theta`, `rope_scaling`) and by 5.x
-(`rope_parameters`) both load; what we write loads in both. Fields that neither we nor transformers
-model (`auto_map`, `quantization_config`, ...) are kept in `extra` and written back unchanged.
+(`rope_parameters`) both load; what we write loads in both, and transformers 5.x's generic names
+(`num_experts_per_tok`, ...) are read. Fields that neither we nor transformers model are kept in
+`extra` and written back unchanged, except the keys that describe the files the config came with
+(`auto_map`, `quantization_config`, ...): what we write has no remote code and no quantised weights.
 `num_layers` (ScMoE blocks) is authoritative: `num_hidden_layers` means 2 x `num_layers` in
 transformers and `num_layers` in Meituan's remote code, so it is never trusted on read.
 """

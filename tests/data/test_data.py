@@ -67,6 +67,8 @@ def test_bad_files_and_outputs_are_named_and_nothing_is_lost(tmp_path, small_dat
     (tmp_path / "broken.txt.gz").write_bytes(b"not gzip at all")
     with pytest.raises(DataError, match="cannot be read"):
         list(read_documents([tmp_path / "broken.txt.gz"]))
+    (tmp_path / "spaces.jsonl").write_text(json.dumps({"text": "abc", "domain": "livres français"}) + "\n")
+    assert [d.domain for d in read_documents([tmp_path / "spaces.jsonl"])] == ["livres français"]
     (tmp_path / "slash.jsonl").write_text(json.dumps({"text": "abc", "domain": "web/en"}) + "\n")
     with pytest.raises(DataError, match="domain 'web/en'"):
         list(read_documents([tmp_path / "slash.jsonl"]))
@@ -79,7 +81,7 @@ def test_bad_files_and_outputs_are_named_and_nothing_is_lost(tmp_path, small_dat
         prepare(precious, inputs=[str(tmp_path / "a.txt")], tokenizer_path=small_data / "tokenizer.json")
     assert (precious / "thesis.tex").read_text() == "years of work"
     with pytest.raises(DataError, match="val_fraction"):
-        prepare(tmp_path / "out", inputs=[str(tmp_path / "a.txt")], val_fraction=7)
+        prepare(tmp_path / "out", inputs=[str(tmp_path / "a.txt")], val_fraction=1)
     # a failed prepare leaves no temporary directory behind
     with pytest.raises(DataError):
         prepare(tmp_path / "out", inputs=[str(tmp_path / "a.txt")], tokenizer_path=tmp_path / "a.txt")

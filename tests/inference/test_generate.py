@@ -278,8 +278,16 @@ def test_right_padded_prompts_decode_as_left_padded_ones() -> None:
     ids = torch.tensor([[5, 9, 2, 7, 11], [4, 8, 0, 0, 0]])
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=4, eos_token_id=[]), left)
-    with pytest.raises(GenerationError, match="gaps"):
-        model.generate(ids, attention_mask=torch.tensor([[1, 1, 1, 1, 1], [1, 0, 1, 0, 0]]), max_new_tokens=2)
+    # masked positions inside a right-padded row stay masked: it decodes as the same row shifted right
+    gapped = model.generate(
+        torch.tensor([[5, 9, 2, 7, 11], [4, 8, 6, 0, 0]]), attention_mask=torch.tensor([[1] * 5, [1, 0, 1, 0, 0]]),
+        max_new_tokens=3, eos_token_id=[],
+    )  # fmt: skip
+    shifted = model.generate(
+        torch.tensor([[5, 9, 2, 7, 11], [0, 0, 4, 8, 6]]), attention_mask=torch.tensor([[1] * 5, [0, 0, 1, 0, 1]]),
+        max_new_tokens=3, eos_token_id=[],
+    )  # fmt: skip
+    assert torch.equal(gapped[:, 5:], shifted[:, 5:])
     with pytest.raises(GenerationError, match="attention_mask has shape"):
         model.generate(ids, attention_mask=mask[:, :3], max_new_tokens=2)
     with pytest.raises(GenerationError, match="empty prompt"):
@@ -305,7 +313,13 @@ def test_compiled_decoder_follows_dtype_changes_and_frees_the_model() -> None:
     from longcat.inference.generate import GenerationRequest, _decoding_copy
 
     model = _model(4)
+    model.train()
+    for moe in model.moe_layers():  # as the trainer leaves it: a routing with autograd history
+        moe.keep_routing = True
+    model(torch.randint(0, model.config.vocab_size, (1, 6)))
+    model.eval()
     shared = _decoding_copy(model, transpose_linear=False)
+    assert all(moe.last_routing is None for moe in shared.moe_layers())
     assert all(a is b for a, b in zip(model.parameters(), shared.parameters()))
     ids = torch.randint(0, model.config.vocab_size, (1, 5))
     request = GenerationRequest(ids, torch.ones_like(ids), 4, None, [], 0, None, compile=True)  # type: ignore[arg-type]

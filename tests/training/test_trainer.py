@@ -201,3 +201,14 @@ def test_grad_norm_ratio_matches_separate_backward_passes(small_data, tmp_path) 
         p.retain_grad()
     (total / trainer.cfg.grad_accum).backward()
     assert trainer._grad_norm_ratio(routings) == pytest.approx(sum(ratios) / len(ratios), rel=1e-4)
+
+
+def test_a_checkpoint_renamed_aside_by_a_dying_resave_is_still_found(tmp_path) -> None:
+    from longcat.training.checkpointing import STATE_FILE, list_checkpoints
+
+    root = tmp_path / "checkpoints"
+    for name in ("step_3", ".step_6.old", "step_9", ".step_9.old"):
+        (root / name).mkdir(parents=True)
+        (root / name / STATE_FILE).write_bytes(b"")
+    assert [(step, path.name) for step, path in list_checkpoints(root)] == [
+        (3, "step_3"), (6, ".step_6.old"), (9, "step_9")]  # fmt: skip

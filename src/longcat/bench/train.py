@@ -79,7 +79,7 @@ def run(
                 logits = twin(ids, use_cache=False).logits
                 loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(twin.parameters(), cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(twin.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 their_step[0] += 1

@@ -3,8 +3,8 @@
 A user file is plain text (`.txt`, `.md`, `.rst`, `.text`: one document per file) or JSON Lines
 (`.jsonl`: one document per line, its text under "text" and optionally its domain under "domain");
 any of them may be compressed (`.gz`, `.xz`); suffixes match in any case. A directory is read
-recursively, skipping hidden files. Domains name validation files, so they are restricted to letters,
-digits, `_`, `-` and `.`.
+recursively, skipping hidden files. Domains name validation files, so they cannot hold a path
+separator.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import gzip
 import json
 import lzma
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +33,6 @@ class Document:
     text: str
 
 
-DOMAIN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
-
-
 def _open_text(path: Path):  # noqa: ANN202 - a text stream
     suffix = path.suffix.lower()
     if suffix == ".gz":
@@ -52,8 +48,11 @@ def _base_suffix(path: Path) -> str:
 
 
 def _checked_domain(domain: str, where: str) -> str:
-    if not DOMAIN_NAME.fullmatch(domain) or domain in (".", ".."):
-        raise DataError(f"{where}: domain {domain!r} must be letters, digits, '_', '-' or '.' (it names a file)")
+    """A domain names its validation file (val.<domain>.bin), so it cannot hold a path separator."""
+    if not domain or domain in (".", "..") or any(c in domain for c in "/\\\0"):
+        raise DataError(
+            f"{where}: domain {domain!r} cannot be empty, '.', '..' or hold '/', '\\' or NUL (it names a file)"
+        )
     return domain
 
 
@@ -109,7 +108,7 @@ def read_documents(paths: list[str | os.PathLike]) -> Iterator[Document]:
             if suffix == ".jsonl":
                 yield from _read_jsonl(file, stem)
             elif suffix in TEXT_SUFFIXES:
-                folder = file.resolve().parent.name if path.is_dir() else stem
+                folder = (path.resolve() / file.relative_to(path)).parent.name if path.is_dir() else stem
                 domain = _checked_domain(folder, str(file))
                 yield Document(
                     domain, str(file.relative_to(path)) if path.is_dir() else file.name, "".join(_lines(file))

@@ -125,8 +125,8 @@ def prepare(
     """Tokenize `inputs` (default: the embedded corpus) into `out_dir`; returns the metadata."""
 
     out = Path(out_dir).resolve()
-    if not 0 < val_fraction < 1:
-        raise DataError(f"val_fraction must lie in (0, 1), got {val_fraction}")
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"val_fraction must lie in [0, 1), got {val_fraction}")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "meta.json").is_file())):
         raise DataError(
             f"{out} exists and is not a prepared data directory; pick a new or empty --out (it is replaced whole)"

@@ -93,29 +93,30 @@ def pad_prompts(
 
 
 def left_aligned(ids: torch.Tensor, mask: torch.Tensor, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids and attention_mask [B, P] with each row's tokens moved to the right end (left padding), the
-    layout decoding needs: a right-padded batch, as tokenizers often produce, would otherwise continue
-    from a pad. A row whose mask has gaps between its tokens is refused."""
+    """ids and attention_mask [B, P] with every row ending in a token, the layout decoding needs: a
+    right-padded row, as tokenizers often produce, would otherwise continue from a pad. Such a row is
+    rotated so that its last token lands in the last column; masked positions inside a row stay masked."""
+    mask = mask.to(ids.device)
+    if mask.dim() == 1 and ids.dim() == 2 and ids.shape[0] == 1:
+        mask = mask[None]
     if mask.shape != ids.shape:
         raise GenerationError(
             f"attention_mask has shape {tuple(mask.shape)} but input_ids {tuple(ids.shape)}; pass one mask "
             "entry per prompt token"
         )
     present = mask.bool()
-    if bool(present[:, -1].all()) and bool((present.int().diff(dim=-1) >= 0).all()):
-        return ids, mask  # already left-padded
-    rows = []
-    for row, keep in enumerate(present):
-        where = keep.nonzero().flatten()
-        if where.numel() and int(where[-1] - where[0]) + 1 != where.numel():
-            raise GenerationError(
-                f"attention_mask row {row} has gaps between its tokens; each row must be one run of 1s "
-                "(left or right padding)"
-            )
-        rows.append(ids[row, where].tolist())
-    if any(len(r) == 0 for r in rows):
+    if not bool(present.any(-1).all()):
         raise GenerationError("every prompt needs at least one token (an empty prompt was given)")
-    return pad_prompts(rows, pad_token_id)
+    if bool(present[:, -1].all()):
+        return ids, mask
+    width = ids.shape[1]
+    last = width - 1 - present.flip(-1).int().argmax(-1)  # [B] column of each row's last token
+    ids, mask = ids.clone(), mask.clone()
+    for row in torch.nonzero(last < width - 1).flatten().tolist():
+        shift = width - 1 - int(last[row])
+        ids[row] = ids[row].roll(shift).masked_fill(~present[row].roll(shift), pad_token_id)
+        mask[row] = mask[row].roll(shift)
+    return ids, mask
 
 
 def build_request(
@@ -314,6 +315,9 @@ def _decoding_copy(model: LongcatForCausalLM, transpose_linear: bool) -> Longcat
     contiguous [in, out] tensor)."""
     linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)} if transpose_linear else set()
     memo = {id(t): t for t in (*model.parameters(), *model.buffers()) if id(t) not in linear}
+    for module in model.modules():  # transient training state (a routing with autograd history) is not copied
+        if getattr(module, "last_routing", None) is not None:
+            memo[id(module.last_routing)] = None
     shadow = copy.deepcopy(model, memo)
     if transpose_linear:
         for module in shadow.modules():

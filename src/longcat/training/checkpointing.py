@@ -19,8 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..checkpoint import fsync_file
+
 STATE_FILE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_ASIDE_DIR = re.compile(r"^\.step_(\d+)\.old$")
 
 
 def rng_state() -> dict:
@@ -53,8 +56,7 @@ def save_checkpoint(
         shutil.copy2(file, tmp / file.name)
     torch.save(trainer_state, tmp / STATE_FILE)
     for path in tmp.iterdir():  # the weights are fsynced by save_pretrained; the rest here
-        with open(path, "rb+") as handle:
-            os.fsync(handle.fileno())
+        fsync_file(path)
     if directory.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(directory, old)
@@ -81,12 +83,15 @@ def _fsync_directory(path: Path) -> None:
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     if not root.is_dir():
         return []
-    found = []
+    found: dict[int, Path] = {}
+    aside: dict[int, Path] = {}  # .step_N.old: the previous step_N, if a re-save died before replacing it
     for path in root.iterdir():
-        match = _STEP_DIR.match(path.name)
+        match = _STEP_DIR.match(path.name) or _ASIDE_DIR.match(path.name)
         if match and (path / STATE_FILE).is_file():
-            found.append((int(match.group(1)), path))
-    return sorted(found)
+            (found if path.name.startswith("step_") else aside)[int(match.group(1))] = path
+    for step, path in aside.items():
+        found.setdefault(step, path)
+    return sorted(found.items())
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:
