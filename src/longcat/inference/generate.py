@@ -32,7 +32,7 @@ class GenerationStats:
     new_tokens: int = 0
     main_forwards: int = 0  # decode forwards of the main model after the prefill
     drafted: int = 0
-    accepted: int = 0
+    accepted: int = 0  # drafts the main model agreed with, counted before any max_new_tokens/EOS cut
 
     @property
     def acceptance_rate(self) -> float:
