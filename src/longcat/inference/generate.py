@@ -133,11 +133,11 @@ def build_request(
 ) -> GenerationRequest:
     config = model.config
     pad = config.pad_token_id if config.pad_token_id is not None else 0
-    ids, mask = pad_prompts(input_ids, pad)
-    if ids.shape[1] == 0 or (attention_mask is None and bool((mask.sum(-1) == 0).any())):
+    ids, mask = pad_prompts(input_ids, pad)  # token lists are checked for emptiness there
+    if ids.shape[1] == 0:
         raise GenerationError("every prompt needs at least one token (an empty prompt was given)")
     if attention_mask is not None:
-        ids, mask = left_aligned(ids, attention_mask.to(ids.device), pad)
+        ids, mask = left_aligned(ids, attention_mask, pad)
     if max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens must be non-negative, got {max_new_tokens}")
     total = int(mask.sum(-1).max()) + max_new_tokens
@@ -258,10 +258,28 @@ def stream_generate(
     if stats is not None:
         request.stats = stats
     request.compile = compile
-    return _stream(model, request, speculative, num_draft_tokens)
+    return TokenStream(request, _chunks(model, request, speculative, num_draft_tokens))
 
 
-def _stream(
+class TokenStream:
+    """The iterator stream_generate returns: new tokens [B, n] as they are chosen. `request` holds the
+    prompt as it is decoded (left-aligned ids and mask on the model's device)."""
+
+    def __init__(self, request: GenerationRequest, chunks: Iterator[torch.Tensor]) -> None:
+        self.request, self._chunks = request, chunks
+
+    def __iter__(self) -> TokenStream:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        """Stop early: restores the model's training mode now rather than when collected."""
+        self._chunks.close()
+
+
+def _chunks(
     model: LongcatForCausalLM, request: GenerationRequest, speculative: str | None, num_draft_tokens: int
 ) -> Iterator[torch.Tensor]:
     was_training = model.training
@@ -288,14 +306,11 @@ def generate(
 ) -> torch.Tensor:
     """The prompt ids (left-padded [B, P]; right-padded rows come back left-padded) followed by the new
     tokens [B, n]."""
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    ids, mask = pad_prompts(input_ids, pad)
-    if attention_mask is not None:
-        ids, mask = left_aligned(ids, attention_mask, pad)
-    chunks = list(stream_generate(model, ids, mask, stats=stats, **kwargs))
-    ids = ids.to(model.device)
-    if kwargs.get("speculative") == "mtp":
-        ids = ids[:, mask[0].bool().to(ids.device)]
+    stream = stream_generate(model, input_ids, attention_mask, stats=stats, **kwargs)
+    chunks = list(stream)
+    ids, mask = stream.request.input_ids, stream.request.attention_mask
+    if kwargs.get("speculative") == "mtp":  # one sequence, decoded without its padding
+        ids = ids[:, mask[0].bool()]
     return torch.cat((ids, *chunks), dim=1) if chunks else ids
 
 
@@ -315,9 +330,6 @@ def _decoding_copy(model: LongcatForCausalLM, transpose_linear: bool) -> Longcat
     contiguous [in, out] tensor)."""
     linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)} if transpose_linear else set()
     memo = {id(t): t for t in (*model.parameters(), *model.buffers()) if id(t) not in linear}
-    for module in model.modules():  # transient training state (a routing with autograd history) is not copied
-        if getattr(module, "last_routing", None) is not None:
-            memo[id(module.last_routing)] = None
     shadow = copy.deepcopy(model, memo)
     if transpose_linear:
         for module in shadow.modules():

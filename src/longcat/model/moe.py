@@ -258,6 +258,13 @@ class MoE(nn.Module):
         self.last_routing: Routing | None = None
         self.keep_routing = False  # training/ sets this to read probabilities for the balance loss
 
+    def __getstate__(self) -> dict:
+        # last_routing is one forward's transient state, holding autograd history that cannot be
+        # deep-copied or pickled: copies of the module (copy.deepcopy, torch.save) start without it
+        state = super().__getstate__()
+        state["last_routing"] = None
+        return state
+
     def forward(self, x: torch.Tensor, reference: bool = False) -> torch.Tensor:
         """x [..., H] -> [..., H]."""
         shape = x.shape

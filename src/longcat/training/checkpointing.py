@@ -9,6 +9,7 @@ is always complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -61,23 +62,10 @@ def save_checkpoint(
         shutil.rmtree(old, ignore_errors=True)
         os.replace(directory, old)
     os.replace(tmp, directory)
-    _fsync_directory(directory.parent)
+    with contextlib.suppress(OSError):  # makes the renames durable (POSIX); not every platform opens directories
+        fsync_file(directory.parent)
     shutil.rmtree(old, ignore_errors=True)
     return directory
-
-
-def _fsync_directory(path: Path) -> None:
-    """Make renames inside `path` durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
