@@ -4,6 +4,7 @@ import pytest
 import torch
 from tests.conftest import random_tiny_config
 
+from longcat.model.cpu_kernels import fused_kernels_enabled
 from longcat.model.moe import MoE, experts_reference
 
 
@@ -26,11 +27,13 @@ UNALIGNED = dict(hidden_size=46, expert_ffn_hidden_size=13)  # the loop-over-gro
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("static_shapes", [False, True])
 def test_grouped_matches_loop_values_and_grads(seed: int, static_shapes: bool, sizes: dict) -> None:
+    """The grouped path (the fused CPU kernel off; test_cpu_kernels.py checks the kernel)."""
     moe = _moe(seed, n_routed_experts=7, zero_expert_num=3, moe_topk=3, **sizes)
     x = torch.randn(37, moe.router.classifier.in_features)
     routing = moe.router(x)
     xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
-    fast = moe.experts(xs[0], routing.indices, routing.weights, static_shapes=static_shapes)
+    with fused_kernels_enabled(False):
+        fast = moe.experts(xs[0], routing.indices, routing.weights, static_shapes=static_shapes)
     ref = experts_reference(moe.experts, xs[1], routing.indices, routing.weights)
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=2e-5)
     grad_out = torch.randn_like(fast)

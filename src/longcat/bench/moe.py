@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..config import LongcatConfig
+from ..model.cpu_kernels import fused_experts_apply, fused_kernels_enabled
 from ..model.ffn import SwiGLU
 from ..model.lm import LongcatForCausalLM
 from .common import machine, time_interleaved, transformers_twin, transformers_version
@@ -85,7 +86,15 @@ def _layer(model, twin, batch: int, seq_len: int, rounds: int, seed: int) -> dic
         "ours_fwd_bwd": fwd_bwd(ours),
         "dense_fwd_bwd": fwd_bwd(dense),
     }
-    result: dict = {"tokens": x.shape[0], "ffn_experts_per_token": ffn_per_token, "dense_width": dense_width}
+    fused = fused_experts_apply(x, ours.experts.gate_up_proj, ours.experts.down_proj)
+    if fused:  # the grouped path too, for the kernel's own gain
+        fns["ours_grouped_fwd_bwd"] = _without_fused_kernel(fwd_bwd(ours))
+    result: dict = {
+        "tokens": x.shape[0],
+        "ffn_experts_per_token": ffn_per_token,
+        "dense_width": dense_width,
+        "experts_path": "fused CPU kernel" if fused else "grouped",
+    }
     if twin is not None:
         theirs = twin.model.layers[0].mlp
         with torch.no_grad():
@@ -98,10 +107,20 @@ def _layer(model, twin, batch: int, seq_len: int, rounds: int, seed: int) -> dic
     result["ms"] = {name: 1000 * seconds for name, seconds in times.items()}
     result["fwd_bwd_vs_dense"] = times["dense_fwd_bwd"] / times["ours_fwd_bwd"]
     result["fwd_vs_dense"] = times["dense_fwd"] / times["ours_fwd"]
+    if fused:
+        result["fused_kernel_speedup_fwd_bwd"] = times["ours_grouped_fwd_bwd"] / times["ours_fwd_bwd"]
     if twin is not None:
         result["speedup_fwd_vs_transformers"] = times["transformers_fwd"] / times["ours_fwd"]
         result["speedup_fwd_bwd_vs_transformers"] = times["transformers_fwd_bwd"] / times["ours_fwd_bwd"]
     return result
+
+
+def _without_fused_kernel(call):
+    def wrapped():
+        with fused_kernels_enabled(False):
+            call()
+
+    return wrapped
 
 
 class _Reshaped(torch.nn.Module):
@@ -138,7 +157,8 @@ def _whole_model(model, twin, batch: int, seq_len: int, rounds: int, seed: int) 
 def report(result: dict) -> str:
     has_twin = result["transformers"] is not None
     lines = [
-        f"MoE layer, preset {result['preset']} (median ms; dense = SwiGLU with the same active FLOPs)",
+        f"MoE layer, preset {result['preset']} (median ms; dense = SwiGLU with the same active FLOPs; "
+        f"experts: {result['layer'][0]['experts_path']})",
         f"  {'tokens':>6} {'FFN/tok':>7} | {'longcat':>15} | {'dense':>15} | "
         + (f"{'transformers':>15} | " if has_twin else "")
         + f"{'vs dense':>11} | "
@@ -161,6 +181,12 @@ def report(result: dict) -> str:
         if has_twin:
             line += f"{row['speedup_fwd_vs_transformers']:>6.1f}x {row['speedup_fwd_bwd_vs_transformers']:>6.1f}x"
         lines.append(line)
+    for row in result["layer"]:
+        if "fused_kernel_speedup_fwd_bwd" in row:
+            lines.append(
+                f"  {row['tokens']:>6} tokens: fused CPU kernel {row['ms']['ours_fwd_bwd']:.1f} ms f+b, grouped path "
+                f"{row['ms']['ours_grouped_fwd_bwd']:.1f} ms ({row['fused_kernel_speedup_fwd_bwd']:.2f}x)"
+            )
     if has_twin:
         diff = max(row["max_abs_diff_vs_transformers"] for row in result["layer"])
         mm = result["model_fwd_bwd_ms"]

@@ -9,6 +9,9 @@ tokens of the F FFN slots are gathered, two grouped GEMMs run every expert on it
 and the results are scattered back with `index_add_`. Zero experts are never dispatched: identity
 experts add `x * (sum of their gate weights)`, drop experts add nothing.
 
+On CPU in fp32 the gather, GEMMs, SwiGLU and scatter of each expert run fused in a compiled kernel
+where it can be built (cpu_kernels.py); the grouped path is its fallback and the path elsewhere.
+
 Host syncs: on CPU we read F once per layer (free there) and compute exactly F rows. On accelerators
 shapes stay static (all A rows; the grouped GEMM leaves rows past the last offset unwritten, so those
 rows are masked out on the way in and out) and nothing waits for the device.
@@ -29,6 +32,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..config import LongcatConfig
+from .cpu_kernels import fused_experts, fused_experts_apply
 from .router import Router, Routing
 
 
@@ -187,6 +191,8 @@ class Experts(nn.Module):
             order = order[: int(offsets[-1])]  # [F]
         token = order // K  # [F] source token of each sorted slot
         gate = weights.reshape(-1).index_select(0, order).to(x.dtype)  # [F]
+        if not static_shapes and fused_experts_apply(x, self.gate_up_proj, self.down_proj):
+            return fused_experts(x, gate, self.gate_up_proj, self.down_proj, token, counts[:N])
         rows = _gather_rows(x, token)  # [F, H]
         if static_shapes:
             # rows past offsets[-1] (zero-expert slots) hold unspecified values in both directions:
