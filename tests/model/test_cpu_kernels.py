@@ -76,8 +76,18 @@ def test_fused_repeats_bit_for_bit_and_matches_the_grouped_path() -> None:
         out.square().sum().backward()
         return [out.detach(), x.grad, moe.experts.gate_up_proj.grad, moe.experts.down_proj.grad]
 
-    first, second = step(), step()
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    first = step()
+    # experts are assigned to threads once, so every sum runs in the same order (other thread counts
+    # change the assignment, and the router's own BLAS calls, in the last bits)
+    assert all(torch.equal(a, b) for a, b in zip(first, step()))
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            for a, b in zip(first, step()):
+                _assert_close_normwise(a, b)
+    finally:
+        torch.set_num_threads(previous)
     with fused_kernels_enabled(False):
         grouped = step()
     for a, b in zip(first, grouped):
@@ -99,7 +109,7 @@ def test_large_values_stay_finite() -> None:
     _assert_close_normwise(out, ref)
 
 
-def test_not_taken_off_cpu_fp32_or_when_turned_off() -> None:
+def test_not_taken_off_cpu_fp32_past_the_buffer_limit_or_when_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
     moe = _moe(6)
     w_gu, w_d = moe.experts.gate_up_proj, moe.experts.down_proj
     x = torch.randn(30, moe.router.classifier.in_features)
@@ -107,6 +117,14 @@ def test_not_taken_off_cpu_fp32_or_when_turned_off() -> None:
     assert not fused_experts_apply(x, w_gu.transpose(1, 2).contiguous().transpose(1, 2), w_d)
     with fused_kernels_enabled(False):
         assert not fused_experts_apply(x, w_gu, w_d)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:  # per-thread output buffers past the limit: the grouped path, which needs none
+        assert fused_experts_apply(x, w_gu, w_d) == fused_experts_available()
+        monkeypatch.setattr(cpu_kernels, "PARTIAL_BUFFER_LIMIT", x.numel() * 4 - 1)
+        assert not fused_experts_apply(x, w_gu, w_d)
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_a_failed_build_warns_once_and_the_grouped_path_runs(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,8 +4,8 @@ Why: on a CPU the grouped path in moe.py writes and re-reads [F, H] fp32 tensors
 per-slot outputs and their gradients, F = tokens x FFN experts per token) between its grouped GEMMs,
 and those passes cost about a quarter of the layer. The kernel gathers one expert's rows into a buffer
 that stays in cache, runs both GEMMs and the gated SwiGLU on it and adds the result into the output,
-experts shared out between PyTorch's threads with one single-threaded BLAS call per GEMM. Figures in
-docs/benchmarks.md (`longcat bench moe`).
+experts shared out between PyTorch's threads once (one single-threaded BLAS call per GEMM), so results
+repeat bit for bit for a given thread count. Figures in docs/benchmarks.md (`longcat bench moe`).
 
 It is built with `torch.utils.cpp_extension` (a C++ compiler and ninja, a few seconds, cached under
 $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions) and checked against the plain computation once per
