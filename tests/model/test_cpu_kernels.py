@@ -61,7 +61,8 @@ def test_fused_matches_loop_values_and_grads(seed: int, threads: int) -> None:
     # float64 reference, so the two fp32 computations can differ by that much
     for a, b in zip(g_fast, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    assert torch.equal(g_fast[1][0], torch.zeros_like(g_fast[1][0]))  # the expert with no rows
+    for grad in g_fast[1:3]:  # the expert with no rows
+        assert torch.equal(grad[0], torch.zeros_like(grad[0]))
 
 
 @needs_kernel
@@ -102,11 +103,15 @@ def test_large_values_stay_finite() -> None:
         moe.experts.gate_up_proj.mul_(200.0)
     x = torch.randn(40, moe.router.classifier.in_features, requires_grad=True)
     routing = moe.router(x)
-    out = moe.experts(x, routing.indices, routing.weights, static_shapes=False)
-    out.sum().backward()
-    ref = experts_reference(moe.experts, x.detach(), routing.indices, routing.weights.detach())
-    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+    weights = routing.weights.detach()  # the gradient through the experts only, on both sides
+    out = moe.experts(x, routing.indices, weights, static_shapes=False)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    x_ref = x.detach().requires_grad_()
+    ref = experts_reference(moe.experts, x_ref, routing.indices, weights)
+    (grad_ref,) = torch.autograd.grad(ref.sum(), x_ref)
+    assert torch.isfinite(out).all() and torch.isfinite(grad).all()
     _assert_close_normwise(out, ref)
+    _assert_close_normwise(grad, grad_ref)
 
 
 def test_not_taken_off_cpu_fp32_past_the_buffer_limit_or_when_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -121,7 +126,7 @@ def test_not_taken_off_cpu_fp32_past_the_buffer_limit_or_when_turned_off(monkeyp
     torch.set_num_threads(2)
     try:  # per-thread output buffers past the limit: the grouped path, which needs none
         assert fused_experts_apply(x, w_gu, w_d) == fused_experts_available()
-        monkeypatch.setattr(cpu_kernels, "PARTIAL_BUFFER_LIMIT", x.numel() * 4 - 1)
+        monkeypatch.setattr(cpu_kernels, "BUFFER_LIMIT", cpu_kernels._buffer_bytes(30, x.shape[1], 1, 2) - 1)
         assert not fused_experts_apply(x, w_gu, w_d)
     finally:
         torch.set_num_threads(previous)
@@ -132,7 +137,8 @@ def test_a_failed_build_warns_once_and_the_grouped_path_runs(monkeypatch: pytest
         raise RuntimeError("no C++ compiler here")
 
     monkeypatch.setattr(cpu_kernels, "_build", no_compiler)
-    monkeypatch.setitem(cpu_kernels._state, "loaded", None)
+    monkeypatch.setitem(cpu_kernels._state, "loaded", None)  # restored, with the reason, after the test
+    monkeypatch.setitem(cpu_kernels._state, "reason", None)
     moe = _moe(7, n_routed_experts=5, zero_expert_num=2, moe_topk=3)
     x = torch.randn(40, moe.router.classifier.in_features)
     routing = moe.router(x)
@@ -140,12 +146,23 @@ def test_a_failed_build_warns_once_and_the_grouped_path_runs(monkeypatch: pytest
         out = moe.experts(x, routing.indices, routing.weights, static_shapes=False)
     assert cpu_kernels.unavailable_reason().startswith("it could not be built")
     torch.testing.assert_close(out, experts_reference(moe.experts, x, routing.indices, routing.weights))
-    monkeypatch.setitem(cpu_kernels._state, "loaded", None)  # the next test loads the real kernel again
 
 
 def test_environment_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LONGCAT_CPU_KERNELS", "0")
-    monkeypatch.setitem(cpu_kernels._state, "loaded", None)
+    monkeypatch.setitem(cpu_kernels._state, "loaded", None)  # restored, with the reason, after the test
+    monkeypatch.setitem(cpu_kernels._state, "reason", None)
     assert not fused_experts_available()
     assert cpu_kernels.unavailable_reason() == "LONGCAT_CPU_KERNELS=0"
-    monkeypatch.setitem(cpu_kernels._state, "loaded", None)
+
+
+@needs_kernel
+def test_self_check_ignores_the_callers_autocast_and_default_dtype() -> None:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert cpu_kernels._self_check() is None
+            assert not fused_experts_apply(torch.randn(4, 8, dtype=torch.float32), *_moe(8).experts.parameters())
+    finally:
+        torch.set_default_dtype(previous)

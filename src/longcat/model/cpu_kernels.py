@@ -11,7 +11,8 @@ It is built with `torch.utils.cpp_extension` (a C++ compiler and ninja, a few se
 $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions) and checked against the plain computation once per
 process. Where it cannot be built, or with LONGCAT_CPU_KERNELS=0, the MoE takes the grouped path and
 one warning says why. It applies to fp32 CPU tensors on the dynamic-shape path (training and
-prefill), not to torch.compile or accelerators.
+prefill), not under CPU autocast, torch.compile or on accelerators. Its backward computes every
+gradient, also those of frozen tensors.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ import torch
 from torch.autograd.function import once_differentiable
 
 SOURCE = Path(__file__).with_name("csrc") / "moe_experts.cpp"
-# each thread past the first adds into its own [T, H] buffer; above this many bytes of such buffers
-# the grouped path runs instead (it needs none)
-PARTIAL_BUFFER_LIMIT = 256 << 20
+# each thread past the first adds into its own [T, H] buffer and each thread has a scratch of a few
+# rows per token; above this many bytes of such buffers the grouped path runs instead
+BUFFER_LIMIT = 256 << 20
 
 _lock = threading.Lock()
 _state: dict = {"loaded": None, "reason": None}
@@ -68,26 +69,29 @@ def _build() -> None:
 
 
 def _self_check() -> str | None:
-    """One small problem against the plain computation: a BLAS with another integer width or calling
-    convention than the kernel assumes would give wrong numbers, not an error."""
-    generator = torch.Generator().manual_seed(0)
-    T, H, N, I, K = 5, 12, 3, 4, 2  # noqa: E741 - the legend's letters
-    x = torch.randn(T, H, generator=generator)
-    w_gate_up = torch.randn(N, 2 * I, H, generator=generator)
-    w_down = torch.randn(N, H, I, generator=generator)
-    expert = torch.tensor([[0, 2], [1, 2], [0, 1], [2, 0], [2, 2]])
-    gate = torch.rand(T, K, generator=generator)
-    order = torch.argsort(expert.reshape(-1), stable=True)
-    token = order // K
-    counts = torch.bincount(expert.reshape(-1), minlength=N)
-    out, _ = torch.ops.longcat_moe_cpu.experts_forward(
-        x, token, gate.reshape(-1)[order].contiguous(), counts, w_gate_up, w_down
-    )
-    expected = torch.zeros(T, H)
-    for t in range(T):
-        for k in range(K):
-            g, u = (w_gate_up[expert[t, k]] @ x[t]).chunk(2)
-            expected[t] += gate[t, k] * (w_down[expert[t, k]] @ (torch.nn.functional.silu(g) * u))
+    """One small problem against the plain computation, in fp32 whatever autocast or default dtype the
+    caller has set: a BLAS whose `sgemm_` is not the 32-bit-integer one the kernel declares shows up
+    here (as wrong numbers, or as a crash at the first call) rather than in training."""
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):
+        generator = torch.Generator().manual_seed(0)
+        T, H, N, I, K = 5, 12, 3, 4, 2  # noqa: E741 - the legend's letters
+        f32 = dict(dtype=torch.float32, device="cpu", generator=generator)
+        x = torch.randn(T, H, **f32)
+        w_gate_up = torch.randn(N, 2 * I, H, **f32)
+        w_down = torch.randn(N, H, I, **f32)
+        expert = torch.tensor([[0, 2], [1, 2], [0, 1], [2, 0], [2, 2]])
+        gate = torch.rand(T, K, **f32)
+        order = torch.argsort(expert.reshape(-1), stable=True)
+        token = order // K
+        counts = torch.bincount(expert.reshape(-1), minlength=N)
+        out, _ = torch.ops.longcat_moe_cpu.experts_forward(
+            x, token, gate.reshape(-1)[order].contiguous(), counts, w_gate_up, w_down
+        )
+        expected = torch.zeros(T, H, dtype=torch.float32)
+        for t in range(T):
+            for k in range(K):
+                g, u = (w_gate_up[expert[t, k]] @ x[t]).chunk(2)
+                expected[t] += gate[t, k] * (w_down[expert[t, k]] @ (torch.nn.functional.silu(g) * u))
     if not torch.allclose(out, expected, rtol=1e-4, atol=1e-4):
         return f"its self-check differs from the plain computation by {(out - expected).abs().max().item():.3g}"
     return None
@@ -140,17 +144,26 @@ def fused_kernels_enabled(enabled: bool) -> Iterator[None]:
 
 
 def fused_experts_apply(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> bool:
-    """Whether the fused kernel takes these operands: fp32 CPU tensors outside torch.compile, with
-    the per-thread output buffers under PARTIAL_BUFFER_LIMIT."""
+    """Whether the fused kernel takes these operands: fp32 CPU tensors outside torch.compile and CPU
+    autocast (which asks for bf16 GEMMs, as the grouped path then runs them), with the kernel's
+    buffers under BUFFER_LIMIT."""
     if not _enabled or x.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    if torch.is_autocast_enabled("cpu"):
         return False
     if any(t.dtype != torch.float32 or not t.is_contiguous() for t in (w_gate_up, w_down)):
         return False
-    if x.dtype != torch.float32:
+    if x.dtype != torch.float32 or x.dim() != 2:
         return False
-    if (torch.get_num_threads() - 1) * x.numel() * 4 > PARTIAL_BUFFER_LIMIT:
+    if _buffer_bytes(x.shape[0], x.shape[1], w_down.shape[-1], torch.get_num_threads()) > BUFFER_LIMIT:
         return False
     return _load()
+
+
+def _buffer_bytes(tokens: int, hidden: int, width: int, threads: int) -> int:
+    """An upper bound on the kernel's own buffers: an output [T, H] per thread past the first, and per
+    thread a scratch of M (2H + 5I) floats in the backward, M <= T the largest expert's rows."""
+    return 4 * tokens * ((threads - 1) * hidden + threads * (2 * hidden + 5 * width))
 
 
 class FusedExperts(torch.autograd.Function):

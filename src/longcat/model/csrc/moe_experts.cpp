@@ -55,6 +55,7 @@ Plan plan(const at::Tensor& counts, int threads) {
   std::vector<int64_t> order;
   int64_t s = 0;
   for (size_t e = 0; e < out.rows.size(); ++e) {
+    TORCH_CHECK(out.rows[e] >= 0, "counts must not be negative");
     out.start[e] = s;
     s += out.rows[e];
     out.max_rows = std::max(out.max_rows, out.rows[e]);
@@ -83,6 +84,12 @@ void for_each_expert(const Plan& p, int threads, Fn fn) {
 void check(const at::Tensor& t, const char* name, int dim) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == dim,
               name, " must be a contiguous float32 CPU tensor of ", dim, " dimensions");
+}
+
+void check_token(const at::Tensor& token) {
+  TORCH_CHECK(token.device().is_cpu() && token.scalar_type() == at::kLong && token.is_contiguous() &&
+                  token.dim() == 1,
+              "token must be a contiguous 1-d int64 CPU tensor");
 }
 
 // the exponent is clamped so that no inf appears (the kernels are built with -ffast-math); for
@@ -114,8 +121,9 @@ std::vector<at::Tensor> experts_forward(const at::Tensor& x, const at::Tensor& t
                                         const at::Tensor& counts, const at::Tensor& w_gate_up,
                                         const at::Tensor& w_down) {
   check(x, "x", 2); check(gate, "gate", 1); check(w_gate_up, "w_gate_up", 3); check(w_down, "w_down", 3);
-  TORCH_CHECK(token.scalar_type() == at::kLong && token.is_contiguous(), "token must be contiguous int64");
+  check_token(token);
   const int64_t T = x.size(0), H = x.size(1), N = w_gate_up.size(0), I = w_down.size(2);
+  TORCH_CHECK(w_down.size(0) == N, "w_gate_up and w_down must hold the same number of experts");
   const int threads = at::get_num_threads();
   Plan p = plan(counts, threads);
   const int64_t F = token.numel();
@@ -163,11 +171,15 @@ std::vector<at::Tensor> experts_backward(const at::Tensor& dout, const at::Tenso
                                          const at::Tensor& w_gate_up, const at::Tensor& w_down,
                                          const at::Tensor& h) {
   check(dout, "dout", 2); check(x, "x", 2); check(gate, "gate", 1); check(h, "h", 2);
-  check(w_gate_up, "w_gate_up", 3); check(w_down, "w_down", 3);
+  check(w_gate_up, "w_gate_up", 3); check(w_down, "w_down", 3); check_token(token);
   const int64_t T = x.size(0), H = x.size(1), N = w_gate_up.size(0), I = w_down.size(2);
   const int threads = at::get_num_threads();
   Plan p = plan(counts, threads);
   const int64_t F = token.numel();
+  TORCH_CHECK(dout.size(0) == T && dout.size(1) == H && h.size(0) == F && h.size(1) == 2 * I &&
+                  gate.numel() == F && (int64_t)p.rows.size() == N && w_down.size(0) == N &&
+                  (p.start.empty() || p.start.back() + p.rows.back() == F),
+              "experts_backward: the saved tensors do not match each other");
   auto dx = at::zeros({T, H}, x.options());
   auto dgate = at::empty({F}, x.options());
   auto dwgu = at::empty_like(w_gate_up);
