@@ -92,6 +92,37 @@ void check_token(const at::Tensor& token) {
               "token must be a contiguous 1-d int64 CPU tensor");
 }
 
+// Each thread adds rows into its own [T, H] buffer (thread 0 into the result); total() sums them in
+// thread order.
+struct ThreadSums {
+  std::vector<at::Tensor> buffers;
+  std::vector<float*> data;
+  ThreadSums(int64_t T, int64_t H, const at::TensorOptions& options, int threads) {
+    for (int t = 0; t < threads; ++t) {
+      buffers.push_back(at::zeros({T, H}, options));
+      data.push_back(buffers.back().data_ptr<float>());
+    }
+  }
+  at::Tensor total() {
+    for (size_t t = 1; t < buffers.size(); ++t) buffers[0].add_(buffers[t]);
+    return buffers[0];
+  }
+};
+
+// dst[i] = src[token[i]] for r rows of width H
+inline void gather_rows(float* dst, const float* src, const int64_t* token, int64_t r, int64_t H) {
+  for (int64_t i = 0; i < r; ++i) std::memcpy(dst + i * H, src + token[i] * H, H * sizeof(float));
+}
+
+// acc[token[i]] += src[i] for r rows of width H
+inline void add_rows(float* acc, const float* src, const int64_t* token, int64_t r, int64_t H) {
+  for (int64_t i = 0; i < r; ++i) {
+    float* dst = acc + token[i] * H;
+    const float* row = src + i * H;
+    for (int64_t j = 0; j < H; ++j) dst[j] += row[j];
+  }
+}
+
 // the exponent is clamped so that no inf appears (the kernels are built with -ffast-math); for
 // g < -88 the sigmoid is below 1e-38 either way
 inline float sigmoid(float g) { return 1.0f / (1.0f + std::exp(std::min(-g, 88.0f))); }
@@ -132,18 +163,14 @@ std::vector<at::Tensor> experts_forward(const at::Tensor& x, const at::Tensor& t
   const int64_t* tp = token.data_ptr<int64_t>();
   TORCH_CHECK(std::all_of(tp, tp + F, [T](int64_t t) { return t >= 0 && t < T; }), "token ids out of range");
   TORCH_CHECK(w_gate_up.size(1) == 2 * I && w_gate_up.size(2) == H && w_down.size(1) == H, "weight shapes");
-  auto out = at::zeros({T, H}, x.options());
   auto h = at::empty({F, 2 * I}, x.options());
-  std::vector<at::Tensor> partial(threads);
+  ThreadSums out(T, H, x.options(), threads);
   const float* xp = x.data_ptr<float>();
   const int64_t* tok = token.data_ptr<int64_t>();
   const float* gp = gate.data_ptr<float>();
   const float* wgu = w_gate_up.data_ptr<float>();
   const float* wd = w_down.data_ptr<float>();
   float* hp = h.data_ptr<float>();
-  for (int t = 1; t < threads; ++t) partial[t] = at::zeros({T, H}, x.options());
-  std::vector<float*> acc(threads);
-  for (int t = 0; t < threads; ++t) acc[t] = (t == 0 ? out : partial[t]).data_ptr<float>();
   std::vector<std::vector<float>> scratch(threads);  // per thread: rows [M, H], a [M, I], y [M, H]
   for_each_expert(p, threads, [&](int64_t t, int64_t e) {
     const int64_t s = p.start[e], r = p.rows[e], M = p.max_rows;
@@ -151,18 +178,13 @@ std::vector<at::Tensor> experts_forward(const at::Tensor& x, const at::Tensor& t
     float* xb = scratch[t].data();
     float* ab = xb + M * H;
     float* yb = ab + M * I;
-    for (int64_t i = 0; i < r; ++i) std::memcpy(xb + i * H, xp + tok[s + i] * H, H * sizeof(float));
+    gather_rows(xb, xp, tok + s, r, H);
     gemm(false, true, r, 2 * I, H, xb, H, wgu + e * 2 * I * H, H, hp + s * 2 * I, 2 * I);
     gated_swiglu(hp + s * 2 * I, gp + s, ab, nullptr, r, I);
     gemm(false, true, r, H, I, ab, I, wd + e * H * I, I, yb, H);
-    for (int64_t i = 0; i < r; ++i) {
-      float* dst = acc[t] + tok[s + i] * H;
-      const float* src = yb + i * H;
-      for (int64_t j = 0; j < H; ++j) dst[j] += src[j];
-    }
+    add_rows(out.data[t], yb, tok + s, r, H);
   });
-  for (int t = 1; t < threads; ++t) out.add_(partial[t]);
-  return {out, h};
+  return {out.total(), h};
 }
 
 // Gradients of experts_forward: (dx [T, H], dgate [F], dw_gate_up [N, 2I, H], dw_down [N, H, I])
@@ -180,12 +202,10 @@ std::vector<at::Tensor> experts_backward(const at::Tensor& dout, const at::Tenso
                   gate.numel() == F && (int64_t)p.rows.size() == N && w_down.size(0) == N &&
                   (p.start.empty() || p.start.back() + p.rows.back() == F),
               "experts_backward: the saved tensors do not match each other");
-  auto dx = at::zeros({T, H}, x.options());
+  ThreadSums dx(T, H, x.options(), threads);
   auto dgate = at::empty({F}, x.options());
   auto dwgu = at::empty_like(w_gate_up);
   auto dwd = at::empty_like(w_down);
-  std::vector<at::Tensor> partial(threads);
-  for (int t = 1; t < threads; ++t) partial[t] = at::zeros({T, H}, x.options());
   const float* dop = dout.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
   const int64_t* tok = token.data_ptr<int64_t>();
@@ -202,8 +222,6 @@ std::vector<at::Tensor> experts_backward(const at::Tensor& dout, const at::Tenso
       std::fill(dwdp + e * H * I, dwdp + (e + 1) * H * I, 0.0f);
     }
   }
-  std::vector<float*> acc(threads);
-  for (int t = 0; t < threads; ++t) acc[t] = (t == 0 ? dx : partial[t]).data_ptr<float>();
   // per thread: gathered rows [M, H] (dy, then x), a, sigmoid, da [M, I] each, dh [M, 2I], dx rows [M, H]
   std::vector<std::vector<float>> scratch(threads);
   for_each_expert(p, threads, [&](int64_t t, int64_t e) {
@@ -216,7 +234,7 @@ std::vector<at::Tensor> experts_backward(const at::Tensor& dout, const at::Tenso
     float* dhb = dab + M * I;
     float* dxb = dhb + M * 2 * I;
     const float* he = hp + s * 2 * I;
-    for (int64_t i = 0; i < r; ++i) std::memcpy(buf + i * H, dop + tok[s + i] * H, H * sizeof(float));
+    gather_rows(buf, dop, tok + s, r, H);
     gated_swiglu(he, gp + s, ab, sigb, r, I);
     gemm(true, false, H, I, r, buf, H, ab, I, dwdp + e * H * I, I);  // dy^T a
     gemm(false, false, r, I, H, buf, H, wd + e * H * I, I, dab, I);  // dy w_down
@@ -238,16 +256,11 @@ std::vector<at::Tensor> experts_backward(const at::Tensor& dout, const at::Tenso
       dgp[s + i] = dot;
     }
     gemm(false, false, r, H, 2 * I, dhb, 2 * I, wgu + e * 2 * I * H, H, dxb, H);  // dh w_gate_up
-    for (int64_t i = 0; i < r; ++i) {
-      float* dst = acc[t] + tok[s + i] * H;
-      const float* src = dxb + i * H;
-      for (int64_t j = 0; j < H; ++j) dst[j] += src[j];
-    }
-    for (int64_t i = 0; i < r; ++i) std::memcpy(buf + i * H, xp + tok[s + i] * H, H * sizeof(float));
+    add_rows(dx.data[t], dxb, tok + s, r, H);
+    gather_rows(buf, xp, tok + s, r, H);
     gemm(true, false, 2 * I, H, r, dhb, 2 * I, buf, H, dwgup + e * 2 * I * H, H);  // dh^T x
   });
-  for (int t = 1; t < threads; ++t) dx.add_(partial[t]);
-  return {dx, dgate, dwgu, dwd};
+  return {dx.total(), dgate, dwgu, dwd};
 }
 
 }  // namespace
