@@ -3,9 +3,8 @@ changes nothing (call `tune_cpu_allocator()` yourself to get the same in your ow
 
 glibc's malloc serves every allocation above a moving threshold (128 KiB at first, at most 32 MiB)
 with fresh pages from mmap and unmaps them on free, so the large temporaries of a training step or a
-decode step (gathered expert rows, activations, gradients) page-fault again on every first touch.
-On the 2-core VM this project is measured on, that was 5-6 ms of a 28 ms MoE forward+backward at
-1024 tokens (docs/benchmarks.md). Fixing the threshold at its 32 MiB maximum and keeping freed heap
+decode step (gathered expert rows, activations, gradients) page-fault again on every first touch
+(what that costs: docs/benchmarks.md, "Allocator"). Fixing the threshold at its 32 MiB maximum and keeping freed heap
 memory in the process (trim threshold 1 GiB) lets those buffers be reused. PyTorch's CPU performance
 guide recommends jemalloc or tcmalloc for the same reason; this needs neither.
 """

@@ -82,13 +82,22 @@ def test_greedy_generation_matches_uncached_reference_and_batches() -> None:
 
 
 def test_eos_stops_and_pads() -> None:
+    """A row that emits EOS keeps it and is padded from then on; the other row decodes as it would alone;
+    decoding ends when every row has finished (or at max_new_tokens)."""
     model = _model(4)
-    prompt = [3, 6, 9]
-    free = model.generate([prompt], max_new_tokens=6, eos_token_id=[])[0, 3:].tolist()
-    stop = free[2]
-    out = model.generate([prompt, prompt[:2]], max_new_tokens=6, eos_token_id=stop)
-    assert out[0, 3:].tolist()[: free.index(stop) + 1] == free[: free.index(stop) + 1]
-    assert out.shape[1] <= 3 + 6
+    prompts = [[3, 6, 9], [7, 6]]
+    free = [model.generate([p], max_new_tokens=6, eos_token_id=[])[0, len(p) :].tolist() for p in prompts]
+    stop = free[0][2]
+    pad = 17
+    model.config.pad_token_id = pad
+    out = model.generate(prompts, max_new_tokens=6, eos_token_id=stop)
+    ends = [row.index(stop) + 1 if stop in row else 6 for row in free]
+    assert out.shape == (2, 3 + max(ends))
+    for row, (tokens, end) in enumerate(zip(free, ends)):
+        new = out[row, 3:].tolist()
+        assert new[:end] == tokens[:end]
+        assert new[end:] == [pad] * (len(new) - end)
+    assert ends[0] <= 3 and out[0, 3 + ends[0] - 1] == stop
 
 
 @pytest.mark.parametrize("drafts", [1, 3])
@@ -141,7 +150,8 @@ def test_compiled_cpu_decoder_fuses_few_row_gemms() -> None:
     calls), and the rewritten product equals the plain one."""
     from torch._dynamo.utils import counters
 
-    from longcat.inference.generate import FEW_ROWS, _cpu_compile_options
+    from longcat.inference.generate import _cpu_compile_options
+    from longcat.model.tuning import FEW_ROWS
 
     options = _cpu_compile_options()
     if "post_grad_fusion_options" not in options:
@@ -299,6 +309,9 @@ def test_bad_sampling_and_stream_requests_fail_at_the_call() -> None:
     for bad in ({"temperature": 0.0}, {"top_p": 2.0}, {"top_k": 0}):
         with pytest.raises(GenerationError):
             model.generate([[1, 2]], max_new_tokens=2, do_sample=True, **bad)
+    for temperature in (-1.0, float("nan")):  # refused for greedy decoding too, not silently ignored
+        with pytest.raises(GenerationError, match="temperature"):
+            model.generate([[1, 2]], max_new_tokens=2, temperature=temperature)
     with pytest.raises(GenerationError, match="empty prompt"):
         model.stream_generate([[]], max_new_tokens=2)  # before any token is asked for
 

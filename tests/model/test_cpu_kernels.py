@@ -6,7 +6,7 @@ import pytest
 import torch
 from tests.conftest import random_tiny_config
 
-from longcat.model import cpu_kernels
+from longcat.model import cpu_kernels, tuning
 from longcat.model.cpu_kernels import fused_experts_apply, fused_experts_available, fused_kernels_enabled
 from longcat.model.moe import MoE, experts_reference
 
@@ -126,7 +126,7 @@ def test_not_taken_off_cpu_fp32_past_the_buffer_limit_or_when_turned_off(monkeyp
     torch.set_num_threads(2)
     try:  # per-thread output buffers past the limit: the grouped path, which needs none
         assert fused_experts_apply(x, w_gu, w_d) == fused_experts_available()
-        monkeypatch.setattr(cpu_kernels, "BUFFER_LIMIT", cpu_kernels._buffer_bytes(30, x.shape[1], 1, 2) - 1)
+        monkeypatch.setattr(tuning, "FUSED_BUFFER_LIMIT", cpu_kernels._buffer_bytes(30, x.shape[1], 1, 2) - 1)
         assert not fused_experts_apply(x, w_gu, w_d)
     finally:
         torch.set_num_threads(previous)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..model import tuning
 from ..model.lm import LongcatForCausalLM, build_attention_mask
 from .kv_cache import LatentCache, decode_mask
 from .sampling import SamplingParams, select
@@ -179,12 +180,13 @@ def prefill(
 
 
 def lm_logits(model: LongcatForCausalLM, normed: torch.Tensor) -> torch.Tensor:
-    """normed [..., H] -> logits [..., V]. For 2-8 rows (a speculative verify step) the CPU GEMM runs
-    W @ x^T about 1.5x faster than x @ W^T (measured on the small preset's 8192 x 256 head); other
-    shapes and devices take the plain linear."""
+    """normed [..., H] -> logits [..., V]. For a few rows (a speculative verify step; the range is
+    tuning.TRANSPOSED_HEAD_ROWS) the CPU GEMM runs faster as W @ x^T than as x @ W^T; other shapes and
+    devices take the plain linear."""
     rows = normed.numel() // normed.shape[-1]
     head = model.lm_head
-    if not 2 <= rows <= 8 or normed.device.type != "cpu" or head.bias is not None:
+    low, high = tuning.TRANSPOSED_HEAD_ROWS
+    if not low <= rows <= high or normed.device.type != "cpu" or head.bias is not None:
         return head(normed)
     flat = normed.reshape(rows, normed.shape[-1])
     return torch.mm(head.weight, flat.T).T.reshape(*normed.shape[:-1], -1)
@@ -338,18 +340,14 @@ def _decoding_copy(model: LongcatForCausalLM, transpose_linear: bool) -> Longcat
     return shadow.eval()
 
 
-FEW_ROWS = 4  # decode steps this wide (a speculative verify of up to 3 drafts) get the row-wise GEMMs below
-
-
 def _cpu_compile_options() -> dict:
     """Inductor options for decoding on the CPU. Besides freezing and the C++ wrapper: the GEMMs of a
-    few-row step (x [T <= 4, in] @ W) become Inductor's own fused multiply-and-sum loops instead of
-    library calls. The library's small-M GEMM costs a fixed few microseconds a call and, on the AMD
-    EPYC measured here, about T times its one-row cost; the loops fuse with their neighbours. Measured
-    on the default model: a plain step 0.37 -> 0.30 ms, a 3-token verify 0.63 -> 0.47 ms
-    (docs/benchmarks.md). The pass is Inductor's `decompose_mm_pass`, which on the CPU takes only
-    one-row GEMMs unless its module-level limit is raised; that limit is read only by the pass, which
-    runs only where it is asked for, as here. Torch builds without it keep the library calls."""
+    few-row step (x [T <= tuning.FEW_ROWS, in] @ W) become Inductor's own fused multiply-and-sum loops
+    instead of library calls, since a small-M library GEMM has a fixed cost per call and the loops fuse
+    with their neighbours (why and how much: model/tuning.py, docs/benchmarks.md). The pass is
+    Inductor's `decompose_mm_pass`, which on the CPU takes only one-row GEMMs unless its module-level
+    limit is raised; that limit is read only by the pass, which runs only where it is asked for, as
+    here. Torch builds without it keep the library calls."""
     options = {"freezing": True, "cpp_wrapper": True}
     try:
         from torch._inductor.fx_passes import decompose_mem_bound_mm as pass_module
@@ -357,7 +355,7 @@ def _cpu_compile_options() -> dict:
         return options
     limit = getattr(pass_module, "cpu_max_first_dimension_decomposition", None)
     if isinstance(limit, int):
-        pass_module.cpu_max_first_dimension_decomposition = max(limit, FEW_ROWS)
+        pass_module.cpu_max_first_dimension_decomposition = max(limit, tuning.FEW_ROWS)
         options["post_grad_fusion_options"] = {"decompose_mm_pass": {}}
     return options
 
@@ -368,13 +366,13 @@ class CompiledDecoder:
     static-shape path, so each distinct step width compiles once. Decoding at batch 1 is bound by
     per-operator overhead, which the compiled graph removes.
 
-    On the CPU four more things, measured on the small preset at 1024 tokens of context (3.8 -> 2.8 ms
-    a step) and the tiny one: Inductor freezes the weights (constant folding) and calls its kernels
-    from a generated C++ wrapper instead of Python; steps of up to FEW_ROWS tokens compute their GEMMs
-    as fused loops (`_cpu_compile_options`); and the decoder runs a copy of the model whose linear
-    weights are stored transposed, since a one-row GEMM (x [1, in] @ W^T) reads a contiguous [in, out]
-    matrix about 1.8x faster than an [out, in] one. That copy and the frozen constants are a snapshot,
-    so the decoder is rebuilt when any weight changes (see `weights_version`)."""
+    On the CPU four more things (their effect is measured in docs/benchmarks.md, "Decode"): Inductor
+    freezes the weights (constant folding) and calls its kernels from a generated C++ wrapper instead
+    of Python; steps of up to tuning.FEW_ROWS tokens compute their GEMMs as fused loops
+    (`_cpu_compile_options`); and the decoder runs a copy of the model whose linear weights are stored
+    transposed, since a one-row GEMM (x [1, in] @ W^T) streams a contiguous [in, out] matrix faster
+    than an [out, in] one. That copy and the frozen constants are a snapshot, so the decoder is
+    rebuilt when any weight changes (see `weights_version`)."""
 
     def __init__(self, model: LongcatForCausalLM) -> None:
         self.weights_version = weights_version(model)

@@ -14,11 +14,11 @@ D groups of FFN experts (one per expert-parallel device).
   budget, mu * (K_e - F) / (K N) with F the FFN experts per token, and a zero-sum part that evens
   the load among FFN experts, mu * (F / (K N) - T_i / (K T_all)). `balance_rate` lets the second part
   use its own rate; left at None it equals mu and the update is exactly Eq. 2. On small expert counts
-  a rate high enough to hold the budget within 1-2% makes the loads thrash between experts (MaxVio
-  near 3 at mu = 1 on the tiny preset, 0.3-0.5 at mu = 0.05), hence the split. Split, the two parts
-  decay separately: decaying the load-evening part steadies the loads late in the run, while a
-  decaying budget part lets the FFN share lag the router's drift (the default run ended 2.4% over
-  its budget with both parts decayed to 0.2), so by default the budget rate stays constant.
+  one rate cannot do both: a rate high enough to hold the budget makes the loads thrash between
+  experts, hence the split. Split, the two parts decay separately: decaying the load-evening part
+  steadies the loads late in the run, while a decaying budget part lets the FFN share lag the
+  router's drift, so by default the budget rate stays constant. The runs behind these defaults are
+  in docs/benchmarks.md ("Budget controller").
 - `load_balance_loss`: the device-level loss with the zero experts as group D + 1 (Eqs. 3-5).
 """
 

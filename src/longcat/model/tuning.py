@@ -1,0 +1,39 @@
+"""The machine-tuned thresholds that choose between equivalent code paths, in one place.
+
+Every path on either side of a threshold computes the same function (the tests hold each fast path
+against a slow reference); only speed changes. The values were measured on the project's 2-core CPU
+machines and are plain module constants that the code reads at each call, so a user on other
+hardware can change them (`longcat.model.tuning.GATHER_SLOTS = 128`); the measurements behind them
+are in docs/benchmarks.md ("Decode", "Fused CPU kernel").
+
+MoE dispatch (model/moe.py), for a call with T tokens, K slots per token and N FFN experts:
+- T * K <= GATHER_SLOTS (and always under torch.compile): a static-shape path with no sort and no
+  host sync, which decoding and speculative verification take. Above it, the sorted grouped dispatch
+  (or the fused CPU kernel), whose sort and per-expert GEMMs cost a fixed overhead that only pays off
+  on many slots.
+- On that static path, T <= ALL_EXPERTS_TOKENS and 3 * T * K >= N: every expert runs on every token
+  (one GEMM over all stacked experts). Gathering each slot's expert weights reads, writes and re-reads
+  T * K weight sets; running all experts reads N sets once, so it is cheaper while 3 T K >= N, and its
+  compute grows as T * N, hence the cap on T.
+
+Fused CPU kernel (model/cpu_kernels.py):
+- FUSED_BUFFER_LIMIT bytes: each thread past the first adds into its own [T, H] output buffer and
+  each thread has a scratch of a few rows per token; above this the grouped path runs instead, so a
+  long prefill does not allocate gigabytes of per-thread buffers.
+
+Decoding on the CPU (inference/generate.py):
+- A step of TRANSPOSED_HEAD_ROWS = (low, high) rows (a speculative verify) computes its LM head as
+  W @ x^T instead of x @ W^T: MKL's small-M GEMM is faster in that orientation for a wide head.
+- Decode steps of at most FEW_ROWS tokens (a plain step, or a speculative verify of up to
+  FEW_ROWS - 1 drafts) compute their GEMMs as Inductor's fused multiply-and-sum loops instead of
+  library calls, over linear weights stored transposed ([in, out] contiguous): the library's small-M
+  GEMM costs a fixed few microseconds a call and about T times its one-row cost.
+"""
+
+from __future__ import annotations
+
+GATHER_SLOTS = 64
+ALL_EXPERTS_TOKENS = 8
+FUSED_BUFFER_LIMIT = 256 << 20
+FEW_ROWS = 4
+TRANSPOSED_HEAD_ROWS = (2, 8)
