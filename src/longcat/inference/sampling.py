@@ -5,6 +5,7 @@ Legend: B batch, V vocabulary.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,8 @@ class SamplingParams:
     top_p: float | None = None
 
     def validate(self) -> SamplingParams:
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (> 0 when sampling), got {self.temperature}")
         if self.do_sample and not self.temperature > 0:
             raise ValueError(f"temperature must be positive when sampling, got {self.temperature}")
         if self.top_k is not None and self.top_k <= 0:

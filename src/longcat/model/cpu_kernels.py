@@ -28,10 +28,9 @@ from pathlib import Path
 import torch
 from torch.autograd.function import once_differentiable
 
+from . import tuning
+
 SOURCE = Path(__file__).with_name("csrc") / "moe_experts.cpp"
-# each thread past the first adds into its own [T, H] buffer and each thread has a scratch of a few
-# rows per token; above this many bytes of such buffers the grouped path runs instead
-BUFFER_LIMIT = 256 << 20
 
 _lock = threading.Lock()
 _state: dict = {"loaded": None, "reason": None}
@@ -144,18 +143,21 @@ def fused_kernels_enabled(enabled: bool) -> Iterator[None]:
 
 
 def fused_experts_apply(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> bool:
-    """Whether the fused kernel takes these operands: fp32 CPU tensors outside torch.compile and CPU
-    autocast (which asks for bf16 GEMMs, as the grouped path then runs them), with the kernel's
-    buffers under BUFFER_LIMIT."""
-    if not _enabled or x.device.type != "cpu" or torch.compiler.is_compiling():
+    """Whether the fused kernel takes these operands (see `fused_experts_take`)."""
+    if any(t.dtype != torch.float32 or not t.is_contiguous() for t in (w_gate_up, w_down)) or x.dim() != 2:
         return False
-    if torch.is_autocast_enabled("cpu"):
+    return fused_experts_take(x.device, x.dtype, x.shape[0], x.shape[1], w_down.shape[-1])
+
+
+def fused_experts_take(device: torch.device, dtype: torch.dtype, tokens: int, hidden: int, width: int) -> bool:
+    """Whether T tokens of this width run on the fused kernel: fp32 CPU tensors outside torch.compile and
+    CPU autocast (which asks for bf16 GEMMs, as the grouped path then runs them), with the kernel's
+    buffers under tuning.FUSED_BUFFER_LIMIT."""
+    if not _enabled or device.type != "cpu" or torch.compiler.is_compiling():
         return False
-    if any(t.dtype != torch.float32 or not t.is_contiguous() for t in (w_gate_up, w_down)):
+    if torch.is_autocast_enabled("cpu") or dtype != torch.float32:
         return False
-    if x.dtype != torch.float32 or x.dim() != 2:
-        return False
-    if _buffer_bytes(x.shape[0], x.shape[1], w_down.shape[-1], torch.get_num_threads()) > BUFFER_LIMIT:
+    if _buffer_bytes(tokens, hidden, width, torch.get_num_threads()) > tuning.FUSED_BUFFER_LIMIT:
         return False
     return _load()
 

@@ -25,6 +25,8 @@ gathers each slot's expert weights and runs batched matmuls.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -32,11 +34,16 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..config import LongcatConfig
-from .cpu_kernels import fused_experts, fused_experts_apply
+from . import tuning
+from .cpu_kernels import fused_experts, fused_experts_apply, fused_experts_take, unavailable_reason
 from .router import Router, Routing
 
 
-def _grouped_mm_available() -> bool:
+@functools.cache
+def grouped_mm_available() -> bool:
+    """Whether this build has a grouped GEMM that runs. Probed on first use, not at import: the probe
+    is a BLAS call, and MKL's reproducible mode (training/determinism.py) can only be chosen before the
+    process's first one."""
     if not hasattr(F, "grouped_mm") and not hasattr(torch, "_grouped_mm"):
         return False
     try:
@@ -54,13 +61,17 @@ def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torc
 
 
 def _grouped_mm_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
+    return _grouped_mm_takes(x.device, x.dtype, (x.shape[-1], w.shape[-1], w.shape[-2]))
+
+
+def _grouped_mm_takes(device: torch.device, dtype: torch.dtype, dims: tuple[int, ...]) -> bool:
     """The grouped GEMM kernels want 16-byte aligned rows, fp32/bf16/fp16 operands, and on CUDA bf16."""
-    if not GROUPED_MM or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16) or not grouped_mm_available():
         return False
-    if x.device.type != "cpu" and x.dtype != torch.bfloat16:
+    if device.type != "cpu" and dtype != torch.bfloat16:
         return False
-    size = x.element_size()
-    return all(dim * size % 16 == 0 for dim in (x.shape[-1], w.shape[-1], w.shape[-2]))
+    size = torch.empty((), dtype=dtype).element_size()
+    return all(dim * size % 16 == 0 for dim in dims)
 
 
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -77,14 +88,9 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> t
     return torch.cat(blocks)
 
 
-GROUPED_MM = _grouped_mm_available()
-GATHER_SLOTS = 64  # at most this many routing slots (T * K) take a static-shape decode path
-ALL_EXPERTS_TOKENS = 8  # at most this many tokens run every expert (compute grows as T * N)
-
-
 def _sort_by_expert(flat: torch.Tensor, num_experts: int, static_shapes: bool) -> torch.Tensor:
-    """Stable argsort of the slots' expert ids [A]. On the CPU path numpy's stable sort of 16-bit keys
-    (a radix sort) takes about 20 us for 12k slots where torch.argsort takes about 390 us."""
+    """Stable argsort of the slots' expert ids [A]. On the CPU path numpy's stable sort of 16-bit keys is
+    a radix sort, an order of magnitude faster than torch.argsort on the CPU (docs/benchmarks.md)."""
     if not static_shapes and flat.device.type == "cpu" and num_experts < 2**15:
         keys = flat.clamp(max=num_experts).to(torch.int16).numpy()  # zero experts all sort last
         return torch.from_numpy(np.argsort(keys, kind="stable"))
@@ -176,8 +182,8 @@ class Experts(nn.Module):
         N = self.num_experts
         if T == 0:
             return torch.zeros_like(x)
-        if T * K <= GATHER_SLOTS or torch.compiler.is_compiling():
-            if 3 * T * K >= N and T <= ALL_EXPERTS_TOKENS:
+        if T * K <= tuning.GATHER_SLOTS or torch.compiler.is_compiling():  # thresholds: see tuning.py
+            if 3 * T * K >= N and T <= tuning.ALL_EXPERTS_TOKENS:
                 return self.forward_all_experts(x, indices, weights)
             return self.forward_gathered(x, indices, weights)
         if static_shapes is None:
@@ -207,6 +213,21 @@ class Experts(nn.Module):
         if static_shapes:
             y = torch.where(valid, y, 0)
         return _scatter_add_rows(y, token, T)
+
+    def path(self, tokens: int, top_k: int, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+        """Which of `forward`'s paths a call with this many tokens takes outside torch.compile, in words.
+        The paths round differently, so training records it (training/determinism.py)."""
+        if tokens * top_k <= tuning.GATHER_SLOTS:
+            return "static: all experts" if tokens <= tuning.ALL_EXPERTS_TOKENS else "static: gathered weights"
+        if device.type == "cpu":
+            if fused_experts_take(device, dtype, tokens, self.gate_up_proj.shape[-1], self.width):
+                return "fused CPU kernel"
+            why = unavailable_reason() if dtype == torch.float32 else f"{dtype} operands"
+        else:
+            why = None
+        grouped = _grouped_mm_takes(device, dtype, (self.gate_up_proj.shape[-1], 2 * self.width, self.width))
+        path = "grouped GEMM" if grouped else "grouped, per-expert GEMM loop"
+        return f"{path} ({why})" if why else path
 
     def forward_gathered(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Decode path for a handful of tokens: gather each slot's expert weights and run batched

@@ -5,6 +5,10 @@ read it) plus `trainer_state.pt`: optimizer, data position, RNG states and count
 expert selection biases, the controller's only state besides its schedule, which is a function of the
 step. A checkpoint is written under a temporary name and renamed, so a directory named `step_N`
 is always complete.
+
+`trainer_state.pt` holds tensors, numbers, strings and containers of them only, and is read with
+`torch.load(weights_only=True)`: a state file from elsewhere cannot run code on load, and one that
+holds anything else is refused. The RNG states are stored as tensors for that reason.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -25,10 +30,24 @@ from ..checkpoint import fsync_file
 STATE_FILE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _ASIDE_DIR = re.compile(r"^\.step_(\d+)\.old$")
+# what a state file must hold (more keys are allowed and ignored)
+STATE_KEYS = ("step", "optimizer", "loader", "rng", "skipped", "consecutive_bad", "tokens_seen", "train_config")
+
+
+class StateFileError(RuntimeError):
+    """A trainer state file is unreadable, tampered with or of another layout; the message names it."""
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every RNG a training step draws from, as tensors and numbers (weights-only loadable)."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+    }  # fmt: skip
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -36,8 +55,12 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state(
+        (npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
+    )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -68,6 +91,41 @@ def save_checkpoint(
     return directory
 
 
+RUN_FORMAT_VERSION = 2  # 1: no environment.json, pickled trainer state; 2: environment.json, weights-only state
+ENVIRONMENT_FILE = "environment.json"
+
+
+def run_format(run_dir: Path) -> int | None:
+    """The layout version of a run directory: None for one that holds no run yet, 1 for one written
+    before run directories carried a version (checkpoints but no environment.json)."""
+    path = run_dir / ENVIRONMENT_FILE
+    if path.is_file():
+        try:
+            version = json.loads(path.read_text(encoding="utf-8")).get("run_format_version")
+        except (OSError, json.JSONDecodeError, AttributeError) as err:
+            raise StateFileError(f"{path} is unreadable ({err}); it records the run's layout version") from err
+        if not isinstance(version, int):
+            raise StateFileError(f"{path} has no integer run_format_version")
+        return version
+    return 1 if list_checkpoints(run_dir / "checkpoints") else None
+
+
+def write_environment(run_dir: Path, record: dict, step: int) -> None:
+    """environment.json: the layout version and what bitwise reproducibility depends on (determinism.py).
+    A resume under another environment keeps the earlier records, each with the step it ran until."""
+    path = run_dir / ENVIRONMENT_FILE
+    data = {"run_format_version": RUN_FORMAT_VERSION, "reproducibility": record, "earlier": []}
+    if path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        data["earlier"] = old.get("earlier", [])
+        if old.get("reproducibility") not in (None, record):
+            data["earlier"].append({"until_step": step, "reproducibility": old["reproducibility"]})
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    fsync_file(tmp)
+    os.replace(tmp, path)
+
+
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     if not root.is_dir():
         return []
@@ -88,8 +146,23 @@ def prune_checkpoints(root: Path, keep: int) -> None:
 
 
 def load_trainer_state(directory: Path) -> dict:
-    # on the CPU first: a state saved on a GPU loads anywhere; the optimizer moves it to its parameters
-    return torch.load(directory / STATE_FILE, weights_only=False, map_location="cpu")
+    """The state file of one checkpoint, loaded weights-only onto the CPU (a state saved on a GPU loads
+    anywhere; the optimizer moves it to its parameters)."""
+    path = directory / STATE_FILE
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        first = next((line for line in lines if "WeightsUnpickler error" in line), lines[0])
+        raise StateFileError(
+            f"{path} is not a trainer state this version can read safely ({first}); it may be damaged, written "
+            "by an older longcat, or tampered with. Resume only run directories you trust; the model in "
+            f"{directory} (safetensors) still loads with from_pretrained"
+        ) from err
+    missing = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise StateFileError(f"{path} lacks {', '.join(missing)}: it is not a longcat trainer state")
+    return state
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:

@@ -5,10 +5,35 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import ConfigError, LongcatConfig
+
+
+def _checked(name: str, value: Any) -> Any:
+    """`value` as the type of TrainConfig's field `name` (an int where a float is wanted becomes a
+    float); anything else is refused naming the field, its type and the value."""
+    hint = typing.get_type_hints(TrainConfig)[name]
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    for kind in allowed:
+        origin = typing.get_origin(kind) or kind
+        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if origin in (str, bool, dict) and isinstance(value, origin):
+            return value
+    names = " or ".join(_TYPE_NAMES.get(typing.get_origin(k) or k, str(k)) for k in allowed)
+    raise ConfigError(f"{name} must be {names}, got {value!r}")
+
+
+_TYPE_NAMES = {float: "a number", int: "an integer", bool: "true or false", str: "a string", dict: "an object",
+               type(None): "null"}  # fmt: skip
 
 
 @dataclass
@@ -49,8 +74,8 @@ class TrainConfig:
     mtp_start_step: int | None = None  # None: a quarter into the run (the paper adds MTP late)
     # MTP self-distillation: KL(main model's prediction of token i+2 || the MTP's), weight below. Not in
     # the paper (its MTP learns from the data alone); it trains the draft to agree with the model it
-    # drafts for, which is what speculative acceptance measures (default run: 87% at 1.0, 80% at 0.3,
-    # 34-44% without). 0 turns it off.
+    # drafts for, which is what speculative acceptance measures (figures: docs/benchmarks.md, "MTP
+    # acceptance"). 0 turns it off.
     mtp_distill_weight: float = 1.0
     # bookkeeping
     seed: int = 0
@@ -101,7 +126,7 @@ class TrainConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown training field(s) {unknown}; known: {sorted(known)}")
-        return cls(**data).validate()
+        return cls(**{key: _checked(key, value) for key, value in data.items()}).validate()
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> TrainConfig:
@@ -126,7 +151,10 @@ class TrainConfig:
             if key.startswith("model."):
                 data["model"] = {**data["model"], key.removeprefix("model."): value}
             elif key in data:
-                data[key] = value
+                try:
+                    data[key] = _checked(key, value)
+                except ConfigError as err:
+                    raise ConfigError(f"--set {item}: {err}") from None
             else:
                 raise ConfigError(f"--set {key}: unknown field; training fields are {sorted(data)}, or use model.FIELD")
         return TrainConfig.from_dict(data)

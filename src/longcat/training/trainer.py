@@ -5,8 +5,9 @@ alpha * balance loss (Eqs. 3-5, mean over layers) + hidden z-loss (Eq. 10); clip
 expert-bias controller (Eq. 2) on the whole step's routing counts. A step with a non-finite loss or
 gradient is skipped and counted; `max_nonfinite` in a row stop the run, the last checkpoint intact.
 
-Run directory: train_config.json, metrics.jsonl (one JSON object per row), checkpoints/step_N/,
-final/ (HF format with tokenizer).
+Run directory: environment.json (layout version; what bitwise reproducibility depends on),
+train_config.json, metrics.jsonl (one JSON object per row), checkpoints/step_N/, final/ (HF format
+with tokenizer).
 """
 
 from __future__ import annotations
@@ -25,18 +26,24 @@ import torch.nn.functional as F
 
 from ..data.loader import Batch, PackedLoader, TokenStream, sequential_batches
 from ..data.prepare import load_meta, prepare
+from ..model.cpu_kernels import fused_experts_available, unavailable_reason
 from ..model.lm import LongcatForCausalLM
 from .balance import BudgetController, lb_probability_gradient, load_balance_loss
 from .checkpointing import (
+    RUN_FORMAT_VERSION,
+    StateFileError,
     list_checkpoints,
     load_trainer_state,
     prune_checkpoints,
     rng_state,
+    run_format,
     save_checkpoint,
     set_rng_state,
     truncate_metrics,
+    write_environment,
 )
 from .config import TrainConfig
+from .determinism import configure_determinism, differences, environment
 from .optim import build_optimizer, lr_at, set_lr
 from .stability import hidden_stats, hidden_z_loss, router_cosine, small_gradient_share
 
@@ -50,15 +57,6 @@ def default_data_dir() -> Path:
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "longcat"
     )
     return Path(root) / "data" / "embedded-v1"
-
-
-def configure_determinism(enabled: bool) -> None:
-    if enabled:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.use_deterministic_algorithms(False)
 
 
 def _device(name: str) -> torch.device:
@@ -123,6 +121,17 @@ class Trainer:
         self.meta = load_meta(self.data_dir)
         self.tokenizer_files = [self.data_dir / "tokenizer.json", self.data_dir / "tokenizer_config.json"]
 
+        try:
+            layout = run_format(self.out)
+        except StateFileError as err:
+            raise TrainingError(str(err)) from err
+        if layout is not None and layout != RUN_FORMAT_VERSION:
+            age = "an older" if layout < RUN_FORMAT_VERSION else "a newer"
+            raise TrainingError(
+                f"{self.out} is a run directory of layout version {layout}, written by {age} longcat; this one "
+                f"reads version {RUN_FORMAT_VERSION}. Its final/ and checkpoint models (safetensors) still load "
+                "with from_pretrained; continue training in a new --out, or with the longcat that wrote it"
+            )
         existing = list_checkpoints(self.ckpt_root)
         if existing and not resume:
             raise TrainingError(f"{self.out} already holds checkpoints; pass --resume or choose another --out")
@@ -137,8 +146,11 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         if resume:
             step, path = existing[-1]
+            try:
+                state = load_trainer_state(path)
+            except StateFileError as err:
+                raise TrainingError(str(err)) from err
             self.model = LongcatForCausalLM.from_pretrained(path, device=self.device, dtype=torch.float32)
-            state = load_trainer_state(path)
         else:
             special = {k: self.meta[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
             model_cfg = cfg.model_config(vocab_size=self.meta["vocab_size"], special=special)
@@ -173,6 +185,7 @@ class Trainer:
                 "in `longcat data prepare`)",
                 file=sys.stderr,
             )
+        self.environment = environment(self.device, self._moe_path(), dtype=cfg.dtype)
         self.out.mkdir(parents=True, exist_ok=True)
         if state is not None:
             saved = state.get("train_config") or {}
@@ -190,6 +203,15 @@ class Trainer:
             self.step, self.skipped = state["step"], state["skipped"]
             self.consecutive_bad, self.tokens_seen = state["consecutive_bad"], state["tokens_seen"]
             truncate_metrics(self.metrics_path, self.step)
+            changed = differences(state.get("environment") or {}, self.environment)
+            if changed and cfg.deterministic:
+                print(
+                    f"longcat: resuming at step {self.step} under another environment than the checkpoint's "
+                    f"({'; '.join(changed)}): the continuation will not be bitwise identical to an uninterrupted "
+                    "run (environment.json keeps both records)",
+                    file=sys.stderr,
+                )
+        write_environment(self.out, self.environment, self.step)
         (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         self.config.to_json_file(self.out / "model_config.json")
         self.tensorboard = _tensorboard_writer(self.out / "tensorboard")
@@ -198,6 +220,22 @@ class Trainer:
             if cfg.dtype == "bfloat16" and self.device.type == "cuda"
             else contextlib.nullcontext()
         )
+
+    def _moe_path(self) -> str:
+        """The MoE path training takes, checked before step 1. Under --deterministic on the CPU the fused
+        kernel must build and pass its check: falling back would change the rounding mid-way through a
+        series of runs. LONGCAT_CPU_KERNELS=0 chooses the grouped path deliberately."""
+        if self.cfg.deterministic and self.device.type == "cpu" and not fused_experts_available():
+            reason = unavailable_reason()
+            if reason != "LONGCAT_CPU_KERNELS=0":
+                raise TrainingError(
+                    f"--deterministic: the fused CPU MoE kernel is unavailable because {reason}. Install a C++ "
+                    "compiler and ninja (pip install ninja), or set LONGCAT_CPU_KERNELS=0 to train on the grouped "
+                    "path (every run of the series must then use it; environment.json records the path)"
+                )
+        dtype = torch.bfloat16 if self.cfg.dtype == "bfloat16" and self.device.type == "cuda" else torch.float32
+        experts = self.model.moe_layers()[0].experts
+        return experts.path(self.cfg.batch_size * self.cfg.seq_len, self.config.moe_topk, self.device, dtype)
 
     # ----- one optimizer step ----------------------------------------------------------------
     def _losses(self, batch: Batch, use_mtp: bool) -> tuple[torch.Tensor, dict, list, object]:
@@ -386,6 +424,7 @@ class Trainer:
             "consecutive_bad": self.consecutive_bad,
             "tokens_seen": self.tokens_seen,
             "train_config": self.cfg.to_dict(),
+            "environment": self.environment,
         }
         path = save_checkpoint(self.ckpt_root / f"step_{self.step}", self.model, state, self.tokenizer_files)
         prune_checkpoints(self.ckpt_root, self.cfg.keep_checkpoints)
