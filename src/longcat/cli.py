@@ -117,6 +117,8 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     for domain, info in meta["domains"].items():
         print(f"  {domain}: {info['train_docs']} training documents, {info['val_docs']} held out "
               f"({info['val_tokens']:,} tokens)")  # fmt: skip
+    for item in meta.get("skipped_files", []):
+        print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
     bare = [domain for domain, info in meta["domains"].items() if not info["val_docs"]]
     if bare:
         print(f"note: {', '.join(bare)} held out nothing (one document, or too few for --val-fraction), so "
@@ -129,6 +131,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import datetime
 
     from .training.config import TrainConfig
+    from .training.determinism import enable_blas_reproducibility
     from .training.trainer import TrainingError, train
 
     if args.resume and not args.out:
@@ -153,6 +156,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.deterministic:
         assignments.append("deterministic=true")
     cfg = cfg.with_overrides(assignments)
+    if cfg.deterministic:  # MKL takes its reproducible mode only before its first computation
+        enable_blas_reproducibility()
     print(f"training {cfg.preset} into {out}", file=sys.stderr)
     try:
         summary = train(cfg, out, resume=args.resume, progress=not args.quiet)
@@ -175,6 +180,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise GenerationError("--system only applies with --chat; add --chat or drop --system")
     if args.draft_tokens is not None and not args.speculative:
         raise GenerationError("--draft-tokens only applies with --speculative; add --speculative or drop it")
+    for flag, value in (("--temperature", args.temperature), ("--top-k", args.top_k), ("--top-p", args.top_p)):
+        if value is not None and not args.sample:
+            raise GenerationError(f"{flag} only applies with --sample (greedy decoding ignores it); add --sample")
     root = resolve_checkpoint_dir(args.checkpoint)  # a local directory, or a Hub id downloaded once
     tokenizer = CheckpointTokenizer(root)  # before the weights: a missing tokenizer fails fast
     model = LongcatForCausalLM.from_pretrained(root).eval()
@@ -188,8 +196,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not ids:
         raise GenerationError("the prompt is empty: pass some text with --prompt")
     stats = GenerationStats()
+    temperature = 1.0 if args.temperature is None else args.temperature
     kwargs = dict(
-        max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,
+        max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed, speculative="mtp" if args.speculative else None,
         num_draft_tokens=1 if args.draft_tokens is None else args.draft_tokens, stats=stats, compile=args.compile,
     )  # fmt: skip
@@ -272,9 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--draft-tokens", type=int, help="MTP draft tokens per round (default 1; with --speculative)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int)
-    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--temperature", type=float, help="with --sample: softmax temperature, > 0 (default 1)")
+    gen.add_argument("--top-k", type=int, help="with --sample: keep the k most likely tokens")
+    gen.add_argument("--top-p", type=float, help="with --sample: keep the smallest set of tokens with this mass")
     gen.add_argument("--seed", type=int)
     gen.add_argument("--stats", action="store_true", help="print speed (and MTP acceptance) to stderr")
     gen.add_argument("--compile", action="store_true", help="torch.compile the decode steps (slow first call)")

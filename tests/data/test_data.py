@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -136,3 +137,38 @@ def test_loader_resumes_exactly_and_masks_documents(small_data) -> None:
     with pytest.raises(DataError, match="differs from the checkpoint"):
         PackedLoader(stream, seq_len=16, batch_size=4, seed=3).load_state_dict(a.state_dict())
     assert sum(1 for _ in sequential_batches(stream, 32, 4, max_batches=2)) == 2
+
+
+def test_text_files_without_a_suffix_are_read_and_skipped_files_named(tmp_path, small_data, capsys) -> None:
+    """A folder of licence texts named GPL-3, Apache-2.0, ... is a domain like any other; a binary file
+    beside them is skipped and named (in meta.json and by the CLI), never dropped silently."""
+    import gzip
+
+    from longcat.cli import main
+
+    licences = tmp_path / "inputs" / "licences"
+    licences.mkdir(parents=True)
+    for name in ("GPL-3", "Apache-2.0", "MIT", "BSD-3-Clause"):
+        (licences / name).write_text(f"The {name} licence. Permission is hereby granted. " * 20)
+    (licences / "LGPL.gz").write_bytes(gzip.compress(b"The LGPL licence, compressed. " * 20))
+    (licences / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe")
+    (licences / "latin1").write_bytes("licence fran\xe7aise".encode("latin-1"))
+    skipped: list = []
+    docs = list(read_documents([tmp_path / "inputs"], skipped))
+    assert sorted(d.title for d in docs) == sorted(
+        f"licences/{n}" for n in ("GPL-3", "Apache-2.0", "MIT", "BSD-3-Clause", "LGPL.gz")
+    )
+    assert {d.domain for d in docs} == {"licences"}
+    assert sorted(p.name for p, _ in skipped) == ["latin1", "logo.png"]
+    assert all("not UTF-8 text" in why for _, why in skipped)
+    out = tmp_path / "prepared"
+    args = ["data", "prepare", "--input", str(tmp_path / "inputs"), "--out", str(out), "--val-fraction", "0.2",
+            "--tokenizer", str(small_data / "tokenizer.json")]  # fmt: skip
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "logo.png: not UTF-8 text" in err and "latin1: not UTF-8 text" in err
+    meta = load_meta(out)
+    assert meta["domains"]["licences"]["train_docs"] + meta["domains"]["licences"]["val_docs"] == 5
+    assert sorted(Path(item["path"]).name for item in meta["skipped_files"]) == ["latin1", "logo.png"]
+    with pytest.raises(DataError, match="not UTF-8 text"):  # a file named directly must be text
+        list(read_documents([licences / "logo.png"]))

@@ -31,17 +31,33 @@ def trained(small_data, tmp_path_factory):
     return out / "final"
 
 
+def _library(checkpoint, text: str, **kwargs) -> str:
+    """What the library generates for `text`: the CLI's output must be exactly this."""
+    from longcat import LongcatForCausalLM
+    from longcat.inference.chat import CheckpointTokenizer
+
+    tokenizer = CheckpointTokenizer(checkpoint)
+    model = LongcatForCausalLM.from_pretrained(checkpoint).eval()
+    ids = tokenizer.encode(text)
+    return tokenizer.decode(model.generate([ids], **kwargs)[0, len(ids) :].tolist())
+
+
 def test_generate_cli_plain_chat_stream_speculative(trained, capsys) -> None:
     assert main(["generate", str(trained), "--prompt", "In the beginning", "--max-new-tokens", "6"]) == 0
     plain = capsys.readouterr().out
+    assert plain == _library(trained, "In the beginning", max_new_tokens=6) + "\n"
     assert main(["generate", str(trained), "--prompt", "In the beginning", "--max-new-tokens", "6", "--stream"]) == 0
     assert capsys.readouterr().out == plain
     args = ["generate", str(trained), "--prompt", "In the beginning", "--max-new-tokens", "6", "--speculative"]
     assert main([*args, "--stats"]) == 0
     captured = capsys.readouterr()
     assert captured.out == plain and "MTP acceptance" in captured.err
-    assert main(["generate", str(trained), "--prompt", "Hi", "--chat", "--system", "Be brief.", "--sample",
-                 "--seed", "1", "--max-new-tokens", "4"]) == 0  # fmt: skip
+    chat = ["generate", str(trained), "--prompt", "Hi", "--chat", "--system", "Be brief.", "--sample", "--seed", "1",
+            "--max-new-tokens", "4"]  # fmt: skip
+    assert main(chat) == 0
+    sampled = capsys.readouterr().out
+    prompt = "SYSTEM:Be brief. [Round 0] USER:Hi ASSISTANT:"  # the LongCat format: the checkpoint has no template
+    assert sampled == _library(trained, prompt, max_new_tokens=4, do_sample=True, seed=1) + "\n"
 
 
 def test_generate_cli_errors(trained, tmp_path, capsys) -> None:
@@ -111,6 +127,12 @@ def test_generate_cli_flag_mistakes_and_hub_ids(trained, capsys, monkeypatch) ->
         == 2
     )
     assert "temperature" in capsys.readouterr().err
+    for flag, value in (("--temperature", "-1"), ("--top-k", "5"), ("--top-p", "0.5")):  # without --sample
+        assert main(["generate", str(trained), "--prompt", "x", flag, value]) == 2
+        assert flag in capsys.readouterr().err
     huggingface_hub = pytest.importorskip("huggingface_hub")
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kwargs: str(trained))
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kwargs: asked.append(repo) or str(trained))
     assert main(["generate", "someone/longcat-tiny", "--prompt", "In the beginning", "--max-new-tokens", "3"]) == 0
+    assert asked and set(asked) == {"someone/longcat-tiny"}
+    assert capsys.readouterr().out == _library(trained, "In the beginning", max_new_tokens=3) + "\n"

@@ -1,10 +1,11 @@
 """Documents: the embedded corpus (two domains, see corpus/LICENSES.md) and users' own files.
 
-A user file is plain text (`.txt`, `.md`, `.rst`, `.text`: one document per file) or JSON Lines
-(`.jsonl`: one document per line, its text under "text" and optionally its domain under "domain");
-any of them may be compressed (`.gz`, `.xz`); suffixes match in any case. A directory is read
-recursively, skipping hidden files. Domains name validation files, so they cannot hold a path
-separator.
+A user file is JSON Lines (`.jsonl`: one document per line, its text under "text" and optionally
+its domain under "domain") or plain text (one document per file): any file that decodes as UTF-8
+and holds no NUL byte, whatever its name (`README`, `GPL-3`, `notes.txt`), may be compressed
+(`.gz`, `.xz`); suffixes match in any case. A directory is read recursively, skipping hidden files;
+files in it that are not text are skipped and named in the list the caller passes, never dropped
+silently. Domains name validation files, so they cannot hold a path separator.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from pathlib import Path
 
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
 EMBEDDED_DOMAINS = {"scripture": "scripture.jsonl.xz", "python_docs": "python_docs.jsonl.xz"}
-TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}
 
 
 class DataError(ValueError):
@@ -86,10 +86,24 @@ def embedded_documents() -> Iterator[Document]:
         yield from _read_jsonl(CORPUS_DIR / name, domain)
 
 
-def read_documents(paths: list[str | os.PathLike]) -> Iterator[Document]:
+def _plain_text(path: Path) -> str | None:
+    """The file's text if it is UTF-8 text (no NUL byte), else None; unreadable files are errors."""
+    try:
+        with _open_text(path) as handle:
+            text = handle.read()
+    except UnicodeDecodeError:
+        return None
+    except (OSError, EOFError, lzma.LZMAError) as err:
+        raise DataError(f"{path} cannot be read ({err})") from err
+    return None if "\0" in text else text
+
+
+def read_documents(paths: list[str | os.PathLike], skipped: list[tuple[Path, str]] | None = None) -> Iterator[Document]:
     """Documents from files and directories. Default domains: a JSONL file's name without suffixes; for
     plain-text files (one document each) the folder holding them inside a directory input, so that a
-    folder of books is one domain with documents to hold out, and the file's name for a file input."""
+    folder of books is one domain with documents to hold out, and the file's name for a file input.
+    Files inside a directory that are not UTF-8 text are appended to `skipped` with the reason; a file
+    named directly must be text."""
     for raw in paths:
         path = Path(raw)
         if not path.exists():
@@ -103,15 +117,18 @@ def read_documents(paths: list[str | os.PathLike]) -> Iterator[Document]:
         else:
             files = [path]
         for file in files:
-            suffix = _base_suffix(file)
             stem = file.name.split(".")[0]
-            if suffix == ".jsonl":
+            if _base_suffix(file) == ".jsonl":
                 yield from _read_jsonl(file, stem)
-            elif suffix in TEXT_SUFFIXES:
-                folder = (path.resolve() / file.relative_to(path)).parent.name if path.is_dir() else stem
-                domain = _checked_domain(folder, str(file))
-                yield Document(
-                    domain, str(file.relative_to(path)) if path.is_dir() else file.name, "".join(_lines(file))
-                )
-            elif not path.is_dir():
-                raise DataError(f"input {file}: unknown kind; use .txt/.md/.rst/.text or .jsonl (optionally .gz/.xz)")
+                continue
+            text = _plain_text(file)
+            if text is None:
+                why = "not UTF-8 text (binary, or another encoding: convert it, e.g. iconv -f latin1 -t utf-8)"
+                if not path.is_dir():
+                    raise DataError(f"input {file} is {why}; give UTF-8 text files or .jsonl (optionally .gz/.xz)")
+                if skipped is not None:
+                    skipped.append((file, why))
+                continue
+            folder = (path.resolve() / file.relative_to(path)).parent.name if path.is_dir() else stem
+            domain = _checked_domain(folder, str(file))
+            yield Document(domain, str(file.relative_to(path)) if path.is_dir() else file.name, text)

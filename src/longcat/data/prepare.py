@@ -131,16 +131,18 @@ def prepare(
         raise DataError(
             f"{out} exists and is not a prepared data directory; pick a new or empty --out (it is replaced whole)"
         )
-    docs = list(embedded_documents() if not inputs else read_documents(inputs))
+    skipped: list[tuple[Path, str]] = []
+    docs = list(embedded_documents() if not inputs else read_documents(inputs, skipped))
     docs = [d for d in docs if d.text.strip()]
     if not docs:
-        raise DataError(f"no non-empty documents in {inputs}")
+        named = "".join(f"; skipped {path}: {why}" for path, why in skipped[:5])
+        raise DataError(f"no non-empty documents in {inputs}{named}")
     train_docs, val_docs = split_documents(docs, val_fraction)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        meta = _write_prepared(tmp, train_docs, val_docs, tokenizer_path, vocab_size, seed, inputs)
+        meta = _write_prepared(tmp, train_docs, val_docs, tokenizer_path, vocab_size, seed, inputs, skipped)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -150,7 +152,9 @@ def prepare(
     return meta
 
 
-def _write_prepared(tmp: Path, train_docs, val_docs, tokenizer_path, vocab_size: int, seed: int, inputs) -> dict:  # noqa: ANN001, PLR0913
+def _write_prepared(
+    tmp: Path, train_docs, val_docs, tokenizer_path, vocab_size: int, seed: int, inputs, skipped
+) -> dict:  # noqa: ANN001, PLR0913, E501
     from tokenizers import Tokenizer
 
     if tokenizer_path is None:
@@ -193,6 +197,7 @@ def _write_prepared(tmp: Path, train_docs, val_docs, tokenizer_path, vocab_size:
         "unigram_entropy": unigram_entropy(tokens, vocab),
         "unigram_entropy_bits": unigram_entropy(tokens, vocab) / math.log(2),
         "sources": inputs or ["embedded"],
+        "skipped_files": [{"path": str(path), "reason": why} for path, why in skipped],
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
