@@ -217,7 +217,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     decoded = tokenizer.decode(new)
     print(decoded[len(shown) :] if args.stream else decoded)
     if args.stats:
-        line = f"{stats.new_tokens} tokens in {elapsed:.2f}s ({stats.new_tokens / max(elapsed, 1e-9):.1f} tokens/s)"
+        rate = stats.new_tokens / max(elapsed, 1e-9)
+        line = f"{stats.prompt_tokens} prompt tokens; {stats.new_tokens} tokens in {elapsed:.2f}s ({rate:.1f} tokens/s)"
         if args.compile:
             line += " including the first call's compilation"
         if args.speculative:

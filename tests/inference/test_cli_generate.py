@@ -6,7 +6,7 @@ import pytest
 from tests.conftest import tiny_train_config
 
 from longcat.cli import main
-from longcat.inference.chat import longcat_chat_prompt
+from longcat.inference.chat import CheckpointTokenizer, longcat_chat_prompt
 from longcat.training.trainer import train
 
 
@@ -34,7 +34,6 @@ def trained(small_data, tmp_path_factory):
 def _library(checkpoint, text: str, **kwargs) -> str:
     """What the library generates for `text`: the CLI's output must be exactly this."""
     from longcat import LongcatForCausalLM
-    from longcat.inference.chat import CheckpointTokenizer
 
     tokenizer = CheckpointTokenizer(checkpoint)
     model = LongcatForCausalLM.from_pretrained(checkpoint).eval()
@@ -54,10 +53,14 @@ def test_generate_cli_plain_chat_stream_speculative(trained, capsys) -> None:
     assert captured.out == plain and "MTP acceptance" in captured.err
     chat = ["generate", str(trained), "--prompt", "Hi", "--chat", "--system", "Be brief.", "--sample", "--seed", "1",
             "--max-new-tokens", "4"]  # fmt: skip
-    assert main(chat) == 0
-    sampled = capsys.readouterr().out
+    assert main([*chat, "--stats"]) == 0
+    captured = capsys.readouterr()
     prompt = "SYSTEM:Be brief. [Round 0] USER:Hi ASSISTANT:"  # the LongCat format: the checkpoint has no template
-    assert sampled == _library(trained, prompt, max_new_tokens=4, do_sample=True, seed=1) + "\n"
+    assert captured.out == _library(trained, prompt, max_new_tokens=4, do_sample=True, seed=1) + "\n"
+    # a model trained 3 steps samples nearly the same from any prompt, so check the prompt it was given
+    prompt_tokens = len(CheckpointTokenizer(trained).encode(prompt))
+    assert prompt_tokens > len(CheckpointTokenizer(trained).encode("Hi"))
+    assert captured.err.startswith(f"{prompt_tokens} prompt tokens; 4 tokens in ")
 
 
 def test_generate_cli_errors(trained, tmp_path, capsys) -> None:
