@@ -8,7 +8,11 @@
     y  = h3 + FFN_1(norm_post1(h3)) + m
 
 Because m is consumed last, an expert-parallel MoE can run its dispatch/combine while FFN_0, MLA_1
-and FFN_1 compute (distributed/ arranges that; this module stays single-device).
+and FFN_1 compute. The MoE is therefore called in three phases (moe.py): routing and the start of the
+dispatch right after norm_post0, the experts after FFN_0 (the dispatch had FFN_0 to arrive), and the
+sum last (the return had MLA_1 and FFN_1 to arrive), as the paper's single-batch overlap schedules
+them (§5.3). In one process each phase simply runs in turn; distributed/ installs the dispatcher
+that makes them asynchronous, so this module stays single-device.
 """
 
 from __future__ import annotations
@@ -52,7 +56,8 @@ class DecoderLayer(nn.Module):
         attn = lambda i, inp: self.self_attn[i](inp, cos, sin, attn_mask, cache, 2 * index + i, start)
         h = x + attn(0, self.input_layernorm[0](x))
         u = self.post_attention_layernorm[0](h)
-        shortcut = self.mlp(u)
+        moe = self.mlp.begin(u)  # routes; under expert parallelism the dispatch starts here
         h = h + self.mlps[0](u)
+        moe = self.mlp.compute(moe)  # the local experts; under expert parallelism the return starts here
         h = h + attn(1, self.input_layernorm[1](h))
-        return h + self.mlps[1](self.post_attention_layernorm[1](h)) + shortcut
+        return h + self.mlps[1](self.post_attention_layernorm[1](h)) + self.mlp.finish(moe)

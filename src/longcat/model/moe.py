@@ -26,6 +26,7 @@ gathers each slot's expert weights and runs batched matmuls.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -272,8 +273,41 @@ def experts_reference(experts: Experts, x: torch.Tensor, indices: torch.Tensor, 
     return out
 
 
+class LocalTokenDispatcher:
+    """Expert parallelism of 1: every FFN expert is in this process, so nothing is sent. The interface
+    splits the MoE in three so that an expert-parallel dispatcher (distributed/expert_parallel.py) can
+    run its all-to-alls while the ScMoE layer computes its dense path (layer.py):
+      dispatch(experts, x, indices, weights) -> handle   (starts sending the tokens' rows)
+      compute(experts, handle) -> handle                  (waits for them, runs the experts, starts the return)
+      combine(handle) -> [T, H]                           (waits for the results, sums them per token)"""
+
+    def dispatch(self, experts: Experts, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> tuple:
+        return (x, indices, weights)
+
+    def compute(self, experts: Experts, handle: tuple) -> torch.Tensor:
+        return experts(*handle)
+
+    def combine(self, handle: torch.Tensor) -> torch.Tensor:
+        return handle
+
+
+class MoEHandle(NamedTuple):
+    """A MoE call between its phases (see LocalTokenDispatcher)."""
+
+    shape: torch.Size  # the input's shape [..., H]
+    flat: torch.Tensor  # the input as [T, H]
+    routing: Routing
+    dispatched: object  # the dispatcher's own state
+
+
 class MoE(nn.Module):
-    """Router + FFN experts + zero experts. Attribute names follow the checkpoint (`mlp.router`, `mlp.experts`)."""
+    """Router + FFN experts + zero experts. Attribute names follow the checkpoint (`mlp.router`, `mlp.experts`).
+
+    `dispatcher` moves the FFN slots' rows to their experts and back: the local one by default;
+    distributed/ installs an all-to-all one under expert parallelism. Zero-expert slots never go
+    through it: their identity term is added here, on the token's own rank."""
+
+    dispatcher = LocalTokenDispatcher()  # the class-wide default; an instance attribute overrides it
 
     def __init__(self, config: LongcatConfig) -> None:
         super().__init__()
@@ -293,18 +327,34 @@ class MoE(nn.Module):
         return state
 
     def forward(self, x: torch.Tensor, reference: bool = False) -> torch.Tensor:
-        """x [..., H] -> [..., H]."""
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])  # [T, H]
+        """x [..., H] -> [..., H]. `reference` runs the loop over experts instead (one process only)."""
+        if reference:
+            handle = self.begin(x, dispatch=False)
+            out = experts_reference(self.experts, handle.flat, handle.routing.indices, handle.routing.weights)
+            return self._add_zero_experts(out, handle)
+        return self.finish(self.compute(self.begin(x)))
+
+    def begin(self, x: torch.Tensor, dispatch: bool = True) -> MoEHandle:
+        """Route x [..., H] and start sending the FFN slots' rows to their experts."""
+        flat = x.reshape(-1, x.shape[-1])  # [T, H]
         routing = self.router(flat)
         if self.keep_routing:
             self.last_routing = routing
-        if reference:
-            out = experts_reference(self.experts, flat, routing.indices, routing.weights)
-        else:
-            out = self.experts(flat, routing.indices, routing.weights)
+        sent = self.dispatcher.dispatch(self.experts, flat, routing.indices, routing.weights) if dispatch else None
+        return MoEHandle(x.shape, flat, routing, sent)
+
+    def compute(self, handle: MoEHandle) -> MoEHandle:
+        """Run the experts on the rows that arrived (waiting for them) and start sending the results back."""
+        return handle._replace(dispatched=self.dispatcher.compute(self.experts, handle.dispatched))
+
+    def finish(self, handle: MoEHandle) -> torch.Tensor:
+        """Wait for the experts' results and add them and the zero experts' term per token: [..., H]."""
+        return self._add_zero_experts(self.dispatcher.combine(handle.dispatched), handle)
+
+    def _add_zero_experts(self, out: torch.Tensor, handle: MoEHandle) -> torch.Tensor:
+        routing, flat = handle.routing, handle.flat
         if self.has_zero_experts and self.zero_expert_type == "identity":
             zero_slots = routing.indices >= self.num_ffn_experts  # [T, K]
             zero_weight = (routing.weights * zero_slots).sum(dim=-1, keepdim=True)  # [T, 1]
             out = torch.addcmul(out, flat, zero_weight.to(flat.dtype))
-        return out.view(shape)
+        return out.view(handle.shape)

@@ -1,0 +1,45 @@
+"""One rank of the expert-parallel test (test_expert_parallel.py starts WORLD of these): the whole
+model, its experts split over the ranks, forward and backward on this rank's own batch."""
+
+from __future__ import annotations
+
+import datetime
+import sys
+
+import torch
+import torch.distributed as dist
+from tests.conftest import perturb, random_tiny_config
+
+from longcat import LongcatForCausalLM
+from longcat.distributed.expert_parallel import apply_expert_parallel
+
+
+def batch(rank: int, vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, 9), generator=torch.Generator().manual_seed(100 + rank))
+
+
+def build() -> LongcatForCausalLM:
+    model = LongcatForCausalLM(random_tiny_config(3, n_routed_experts=4, zero_expert_num=2, moe_topk=3), seed=0)
+    perturb(model, 0)
+    return model
+
+
+def main() -> None:
+    rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    model = build()
+    timer = apply_expert_parallel(model, dist.group.WORLD)
+    ids = batch(rank, model.config.vocab_size)
+    result = model(ids, labels=ids)
+    result.loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    torch.save({"logits": result.logits.detach(), "loss": result.loss.detach(), "grads": grads,
+                "waits": timer.waits}, f"{out}/rank{rank}.pt")  # fmt: skip
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
