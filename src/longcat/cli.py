@@ -130,12 +130,17 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import datetime
 
+    from .distributed.layout import in_torchrun
     from .training.config import TrainConfig
     from .training.determinism import enable_blas_reproducibility
     from .training.trainer import TrainingError, train
 
     if args.resume and not args.out:
         raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
+    if args.ep is not None and args.nproc is None and not in_torchrun():
+        raise ConfigError(
+            "--ep needs --nproc N (or a torchrun launch): expert parallelism spreads experts over processes"
+        )
     out = (
         Path(args.out)
         if args.out
@@ -156,16 +161,60 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.deterministic:
         assignments.append("deterministic=true")
     cfg = cfg.with_overrides(assignments)
+    if args.nproc is not None:  # the launcher: start the workers, each of which comes back here
+        from .launcher import launch_train
+
+        worker = _without_launcher_flags(args.argv)
+        if not args.out:
+            worker += ["--out", str(out)]
+        print(f"training {cfg.preset} into {out} on {args.nproc} processes", file=sys.stderr)
+        return launch_train(worker, args.nproc, args.ep or 1, cfg.model_config().n_routed_experts)
     if cfg.deterministic:  # MKL takes its reproducible mode only before its first computation
         enable_blas_reproducibility()
-    print(f"training {cfg.preset} into {out}", file=sys.stderr)
+    layout = None
+    if in_torchrun():
+        from .distributed.layout import init_layout
+
+        cuda = cfg.device in ("auto", "cuda") and torch_cuda_available()
+        layout = init_layout(args.ep or 1, "cuda" if cuda else "cpu")
+    main_rank = layout is None or layout.is_main
+    if main_rank:
+        print(f"training {cfg.preset} into {out}", file=sys.stderr)
     try:
-        summary = train(cfg, out, resume=args.resume, progress=not args.quiet)
+        summary = train(cfg, out, resume=args.resume, progress=not args.quiet, layout=layout)
     except TrainingError as err:
-        print(f"longcat: {err}", file=sys.stderr)
+        print(f"longcat: {err}" if main_rank else f"longcat: rank {layout.rank}: {err}", file=sys.stderr)
         return 1
-    print(json.dumps(summary, indent=2))
+    finally:
+        if layout is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if main_rank:
+        print(json.dumps(summary, indent=2))
     return 0
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _without_launcher_flags(argv: list[str]) -> list[str]:
+    """The train arguments a worker gets: the user's, less the launcher's own (--nproc, --ep; the
+    launcher passes --ep on by itself) and the command name."""
+    out, skip = [], False
+    for item in argv[argv.index("train") + 1 :]:
+        if skip:
+            skip = False
+            continue
+        name = item.split("=", 1)[0]
+        if name in ("--nproc", "--ep"):
+            skip = "=" not in item
+            continue
+        out.append(item)
+    return out
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -270,6 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--save-every", type=int, help="checkpoint every N steps")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument(
+        "--nproc", type=int, help="train on N local processes (torch.distributed.run); batch_size is global"
+    )
+    train.add_argument("--ep", type=int, help="expert parallelism: spread each layer's FFN experts over E ranks")
     train.set_defaults(func=cmd_train)
 
     gen = sub.add_parser("generate", help="generate text from a checkpoint")
@@ -317,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.simplefilter("ignore", ZeroExpertRowsIgnored)  # our own final/ carries them on purpose
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if argv is None:  # the `longcat` process itself, not a caller of main() inside another program
         tune_cpu_allocator()
     try:

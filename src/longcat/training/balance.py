@@ -24,6 +24,7 @@ D groups of FFN experts (one per expert-parallel device).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -120,7 +121,12 @@ def group_of_experts(num_ffn: int, num_zero: int, groups: int) -> torch.Tensor:
 
 
 def load_balance_loss(
-    routing: Routing, num_ffn: int, top_k: int, target_ffn_experts: float, groups: int
+    routing: Routing,
+    num_ffn: int,
+    top_k: int,
+    target_ffn_experts: float,
+    groups: int,
+    reduce: Callable[..., None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eqs. 3-5 over one micro-batch (without alpha). Returns the loss and f [D + 1] (no gradient).
 
@@ -129,6 +135,9 @@ def load_balance_loss(
     f_{D+1} = 1 / ((K - K_e) T) * #(slots choosing a zero expert)
     L = sum_j f_j P_j
     f counts every selected expert in a group (so every f_j is 1 under perfectly balanced routing).
+    On several ranks `reduce` sums the slot counts and T over them in place, so f is the global
+    batch's; P stays this rank's, and averaging the ranks' gradients (data parallelism) then gives
+    the gradient of the global batch's loss.
     """
     probs, indices = routing.probs, routing.indices  # [T, E], [T, K]
     T, E = probs.shape
@@ -136,10 +145,13 @@ def load_balance_loss(
     P = torch.zeros(groups + 1, device=probs.device, dtype=probs.dtype).index_add_(0, group, probs.sum(0)) / T
     with torch.no_grad():
         hits = torch.bincount(group[indices.reshape(-1)], minlength=groups + 1).to(probs.dtype)
-        scale = torch.full((groups + 1,), groups / (target_ffn_experts * T), device=probs.device)
+        tokens = torch.full((1,), float(T), device=probs.device, dtype=probs.dtype)
+        if reduce is not None:
+            reduce(hits, tokens)
+        scale = torch.full((groups + 1,), groups / target_ffn_experts, device=probs.device, dtype=probs.dtype)
         if num_ffn < E:
-            scale[groups] = 1.0 / ((top_k - target_ffn_experts) * T) if top_k > target_ffn_experts else 0.0
-        f = hits * scale
+            scale[groups] = 1.0 / (top_k - target_ffn_experts) if top_k > target_ffn_experts else 0.0
+        f = hits * scale / tokens
     return (f * P).sum(), f
 
 

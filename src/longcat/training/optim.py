@@ -12,7 +12,9 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.distributed.tensor import DTensor
 
+from ..distributed import collectives
 from .config import TrainConfig
 
 ROLES = ("embedding", "hidden", "unembedding", "router", "no_decay")
@@ -74,3 +76,24 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"]
+
+
+@torch.no_grad()
+def clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Scale the gradients so their global L2 norm is at most max_norm (inf: measure only); returns the
+    norm before clipping. The norm is the square root of summed fp32 squares, over every rank's shards
+    when training is distributed (each element is held by exactly one rank: dense shards over N
+    ranks, expert shards over N/E x E), so one process and N give the same value. (PyTorch's
+    clip_grad_norm_ takes per-tensor norms whose CPU kernel is off by up to 2e-4 relative on a
+    [4096, 128] gradient here, and cannot combine DTensors of two meshes.)"""
+    grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    squares = torch.stack([g.float().pow(2).sum() for g in grads]).sum()
+    collectives.sum_(squares)
+    norm = squares.sqrt()
+    if max_norm > 0 and math.isfinite(max_norm):
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.dtype))
+    return norm

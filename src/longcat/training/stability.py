@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
+from ..distributed.collectives import full, sum_
 from ..model.lm import LongcatForCausalLM
 
 
@@ -24,7 +26,7 @@ def router_cosine(model: LongcatForCausalLM) -> float:
     means the balance loss dominates and routing no longer depends on the input."""
     values = []
     for moe in model.moe_layers():
-        w = F.normalize(moe.router.classifier.weight.float(), dim=-1)  # [E, H]
+        w = F.normalize(full(moe.router.classifier.weight).float(), dim=-1)  # [E, H]
         sim = w @ w.T
         E = sim.shape[0]
         values.append(float((sim.sum() - sim.diagonal().sum()) / (E * (E - 1))))
@@ -41,9 +43,14 @@ def hidden_stats(hidden: torch.Tensor) -> tuple[float, float]:
 @torch.no_grad()
 def small_gradient_share(model: torch.nn.Module, eps: float) -> float:
     """Share of parameter tensors whose gradient RMS is below 10 * eps: where Adam's epsilon starts to
-    swamp the second moment (paper Fig. 7)."""
+    swamp the second moment (paper Fig. 7). Sharded gradients count as the whole tensor: their sums of
+    squares and sizes are added over the ranks (one collective)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return 0.0
-    small = sum(1 for g in grads if float(g.float().pow(2).mean().sqrt()) < 10 * eps)
-    return small / len(grads)
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    stats = torch.stack([torch.stack([g.float().pow(2).sum(), torch.tensor(float(g.numel()), device=g.device)])
+                         for g in local])  # fmt: skip  # [P, 2]
+    sum_(stats)
+    rms = (stats[:, 0] / stats[:, 1].clamp(min=1)).sqrt()
+    return float((rms < 10 * eps).float().mean())

@@ -26,6 +26,9 @@ import torch.nn.functional as F
 
 from ..data.loader import Batch, PackedLoader, TokenStream, sequential_batches
 from ..data.prepare import load_meta, prepare
+from ..distributed import collectives
+from ..distributed.layout import Layout
+from ..distributed.parallelize import finish_gradients, gather_full_model, parallelize
 from ..model.cpu_kernels import fused_experts_available, unavailable_reason
 from ..model.lm import LongcatForCausalLM
 from .balance import BudgetController, lb_probability_gradient, load_balance_loss
@@ -44,7 +47,7 @@ from .checkpointing import (
 )
 from .config import TrainConfig
 from .determinism import configure_determinism, differences, environment
-from .optim import build_optimizer, lr_at, set_lr
+from .optim import build_optimizer, clip_gradients, lr_at, set_lr
 from .stability import hidden_stats, hidden_z_loss, router_cosine, small_gradient_share
 
 
@@ -105,30 +108,50 @@ class Progress:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False, progress: bool = True):
+    """One training run, in one process or as one rank of several (`layout`, from distributed/: every
+    rank runs this same code; only rank 0 writes the run directory)."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        out_dir: str | os.PathLike,
+        resume: bool = False,
+        progress: bool = True,
+        layout: Layout | None = None,
+    ):
         self.cfg = cfg.validate()
         self.out = Path(out_dir)
         self.metrics_path = self.out / "metrics.jsonl"
         self.ckpt_root = self.out / "checkpoints"
-        self.progress_enabled = progress
+        self.layout = layout
+        self.world = layout.world if layout else 1
+        self.is_main = layout is None or layout.is_main
+        self.progress_enabled = progress and self.is_main
         configure_determinism(cfg.deterministic)
-        self.device = _device(cfg.device)
+        self.device = layout.device if layout else _device(cfg.device)
+        if cfg.batch_size % self.world:
+            raise TrainingError(
+                f"batch_size {cfg.batch_size} (the global batch) must be divisible by the {self.world} "
+                "data-parallel ranks; change batch_size or --nproc"
+            )
         self.data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
         if not (self.data_dir / "meta.json").is_file():
             if cfg.data_dir:
                 load_meta(self.data_dir)  # raises the clear error
-            prepare(self.data_dir)
+            if self.is_main:  # one rank prepares, the others wait for it
+                prepare(self.data_dir)
+        collectives.barrier()
         self.meta = load_meta(self.data_dir)
         self.tokenizer_files = [self.data_dir / "tokenizer.json", self.data_dir / "tokenizer_config.json"]
 
         try:
-            layout = run_format(self.out)
+            version = run_format(self.out)
         except StateFileError as err:
             raise TrainingError(str(err)) from err
-        if layout is not None and layout != RUN_FORMAT_VERSION:
-            age = "an older" if layout < RUN_FORMAT_VERSION else "a newer"
+        if version is not None and version != RUN_FORMAT_VERSION:
+            age = "an older" if version < RUN_FORMAT_VERSION else "a newer"
             raise TrainingError(
-                f"{self.out} is a run directory of layout version {layout}, written by {age} longcat; this one "
+                f"{self.out} is a run directory of layout version {version}, written by {age} longcat; this one "
                 f"reads version {RUN_FORMAT_VERSION}. Its final/ and checkpoint models (safetensors) still load "
                 "with from_pretrained; continue training in a new --out, or with the longcat that wrote it"
             )
@@ -142,6 +165,11 @@ class Trainer:
             )
         if resume and not existing:
             raise TrainingError(f"--resume: {self.ckpt_root} holds no complete checkpoint to resume from")
+        if self.world > 1 and (resume or cfg.save_every):
+            raise TrainingError(
+                "step checkpoints and --resume are not built yet for runs on several processes (distributed "
+                "checkpoints come next); run without --save-every/--resume, or on one process"
+            )
         self.step, self.skipped, self.consecutive_bad, self.tokens_seen = 0, 0, 0, 0
         torch.manual_seed(cfg.seed)
         if resume:
@@ -161,6 +189,13 @@ class Trainer:
         self.config = self.model.config
         for moe in self.model.moe_layers():
             moe.keep_routing = True
+        moe_path = self._moe_path()
+        self.comm_timer = None
+        if layout is not None:
+            if layout.ep > 1:
+                moe_path = f"expert-parallel all-to-all over {layout.ep} ranks, local experts: {moe_path}"
+            on_gpu_bf16 = cfg.dtype == "bfloat16" and self.device.type == "cuda"
+            self.comm_timer = parallelize(self.model, layout, torch.bfloat16 if on_gpu_bf16 else None)
         self.optimizer = build_optimizer(self.model, cfg)
         self.K_e = cfg.target_ffn_experts or self.config.target_ffn_experts
         self.controller = BudgetController(
@@ -168,7 +203,10 @@ class Trainer:
             cfg.bias_rate_final_ratio, cfg.max_steps, cfg.bias_balance_rate, cfg.bias_budget_final_ratio,
         )  # fmt: skip
         stream = TokenStream(self.data_dir / "train.bin", self.meta["dtype"])
-        self.loader = PackedLoader(stream, cfg.seq_len, cfg.batch_size, cfg.seed, cfg.doc_masking)
+        rank = layout.rank if layout else 0
+        self.loader = PackedLoader(
+            stream, cfg.seq_len, cfg.batch_size // self.world, cfg.seed, cfg.doc_masking, rank, self.world
+        )
         self.val_streams = {
             domain: TokenStream(self.data_dir / f"val.{domain}.bin", self.meta["dtype"])
             for domain, info in self.meta["domains"].items()
@@ -178,15 +216,17 @@ class Trainer:
         short = [d for d, s in self.val_streams.items() if len(s.tokens) < cfg.seq_len + 1]
         self.val_streams = {d: s for d, s in self.val_streams.items() if d not in short}
         missing = [d for d in self.meta["domains"] if d not in self.val_streams]
-        if missing:
+        if missing and self.is_main:
             print(
                 f"longcat: no validation loss for domain(s) {', '.join(missing)}: they hold out no document or fewer "
                 f"than seq_len + 1 = {cfg.seq_len + 1} tokens (give each domain more documents, or raise val_fraction "
                 "in `longcat data prepare`)",
                 file=sys.stderr,
             )
-        self.environment = environment(self.device, self._moe_path(), dtype=cfg.dtype)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.environment = environment(self.device, moe_path, world_size=self.world, dtype=cfg.dtype)
+        self.environment["expert_parallel"] = layout.ep if layout else 1
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
         if state is not None:
             saved = state.get("train_config") or {}
             changed = sorted(k for k, v in cfg.to_dict().items() if k in saved and saved[k] != v)
@@ -211,10 +251,12 @@ class Trainer:
                     "run (environment.json keeps both records)",
                     file=sys.stderr,
                 )
-        write_environment(self.out, self.environment, self.step)
-        (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        self.config.to_json_file(self.out / "model_config.json")
-        self.tensorboard = _tensorboard_writer(self.out / "tensorboard")
+        self.tensorboard = None
+        if self.is_main:
+            write_environment(self.out, self.environment, self.step)
+            (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            self.config.to_json_file(self.out / "model_config.json")
+            self.tensorboard = _tensorboard_writer(self.out / "tensorboard")
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16)
             if cfg.dtype == "bfloat16" and self.device.type == "cuda"
@@ -235,7 +277,8 @@ class Trainer:
                 )
         dtype = torch.bfloat16 if self.cfg.dtype == "bfloat16" and self.device.type == "cuda" else torch.float32
         experts = self.model.moe_layers()[0].experts
-        return experts.path(self.cfg.batch_size * self.cfg.seq_len, self.config.moe_topk, self.device, dtype)
+        tokens = self.cfg.batch_size // self.world * self.cfg.seq_len
+        return experts.path(tokens, self.config.moe_topk, self.device, dtype)
 
     # ----- one optimizer step ----------------------------------------------------------------
     def _losses(self, batch: Batch, use_mtp: bool) -> tuple[torch.Tensor, dict, list, object]:
@@ -260,7 +303,9 @@ class Trainer:
         lb_terms, routings = [], []
         for moe in self.model.moe_layers():
             routing = moe.last_routing
-            loss, f = load_balance_loss(routing, config.n_routed_experts, config.moe_topk, self.K_e, cfg.lb_groups)
+            loss, f = load_balance_loss(
+                routing, config.n_routed_experts, config.moe_topk, self.K_e, cfg.lb_groups, reduce=collectives.sum_
+            )
             lb_terms.append(loss)
             routings.append((routing, f))
         parts["lb"] = torch.stack(lb_terms).mean()
@@ -302,10 +347,11 @@ class Trainer:
                         ffn_sq[i] += n.pow(2).sum()
             tokens += batch.num_tokens
         # grad_clip <= 0 means no clipping (the norm is still measured for the metrics)
-        grad_norm_t = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), cfg.grad_clip if (cfg.grad_clip or 0) > 0 else float("inf")
-        )
-        finite = bool(finite_t & torch.isfinite(grad_norm_t))
+        max_norm = cfg.grad_clip if (cfg.grad_clip or 0) > 0 else float("inf")
+        if self.layout is not None:
+            finish_gradients(self.model, self.layout)
+        grad_norm_t = clip_gradients(list(self.model.parameters()), max_norm)
+        finite = collectives.all_true(finite_t & torch.isfinite(grad_norm_t))  # every rank skips, or none
         row = None
         if finite:
             monitor_start = time.perf_counter()
@@ -313,6 +359,8 @@ class Trainer:
             rg = self._grad_norm_ratio(rg_inputs) if monitor else None
             monitor_seconds = time.perf_counter() - monitor_start  # left out of tokens_per_s
             self.optimizer.step()
+            # Eq. 2 on the global batch's counts: every rank applies the same update to its bias copy
+            collectives.sum_(*(moe.router.expert_counts for moe in self.model.moe_layers()))
             budget = self.controller.step(self.model.moe_layers(), self.step)
             self.consecutive_bad = 0
         else:
@@ -322,6 +370,7 @@ class Trainer:
             self.consecutive_bad += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        tokens *= self.world  # every rank trains on an equal share of the global batch
         self.tokens_seen += tokens
         if self.device.type == "cuda":
             torch.cuda.synchronize()  # the clock must see the step's kernels finish
@@ -334,10 +383,17 @@ class Trainer:
                 )
             return None
         if monitor:
+            collectives.sum_(ffn_sum, ffn_sq)
             mean = (ffn_sum / tokens).cpu()
             std = (ffn_sq.cpu() / tokens - mean.pow(2)).clamp(min=0).sqrt()
             h_max, h_l2 = hidden_stats(last_out.hidden_states)
-            value = {key: float(total) for key, total in sums.items()}
+            h_max = float(collectives.max_(torch.tensor(h_max)))
+            keys = sorted(sums)
+            means = collectives.mean(torch.stack([sums[k] for k in [*keys]] + [torch.tensor(h_l2, device=self.device)]))
+            value = {key: float(v) for key, v in zip(keys, means)}
+            h_l2 = float(means[-1])
+            if rg is not None:
+                rg = float(collectives.mean(torch.tensor(rg)))
             row = {
                 "step": self.step,
                 "loss": value["lm"],
@@ -377,7 +433,8 @@ class Trainer:
         for routing, f in routings:
             if routing.probs.grad is None:
                 continue
-            total = routing.probs.grad.sum(0).float()  # [E]
+            # [E]; the mean over ranks of their sums is what one process computes for the global batch
+            total = collectives.mean(routing.probs.grad.sum(0).float())
             lb = weight * lb_probability_gradient(f, config.n_routed_experts, total.numel(), cfg.lb_groups)
             lm = total - lb
             ratios.append(float(lb.norm() / lm.norm().clamp(min=1e-30)))
@@ -391,20 +448,23 @@ class Trainer:
         row: dict = {"step": self.step}
         total_loss, total_tokens = 0.0, 0
         for domain, stream in self.val_streams.items():
-            loss_sum, count, ffn = 0.0, 0, 0.0
+            sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, tokens, FFN slots per layer
             for batch in sequential_batches(stream, cfg.seq_len, cfg.batch_size, cfg.eval_batches, cfg.doc_masking):
+                batch, counted = self._rank_share(batch)
                 batch = _to(batch, self.device)
                 with self.autocast:
                     out = self.model(batch.input_ids, document_ids=batch.document_ids, position_ids=batch.position_ids)
-                loss_sum += float(
-                    F.cross_entropy(
-                        out.logits.reshape(-1, config.vocab_size).float(), batch.targets.reshape(-1), reduction="sum"
-                    )
-                )
-                count += batch.num_tokens
-                ffn += sum(
-                    float((moe.last_routing.indices < config.n_routed_experts).sum()) for moe in self.model.moe_layers()
+                if not counted:
+                    continue
+                sums[0] += F.cross_entropy(
+                    out.logits.reshape(-1, config.vocab_size).float(), batch.targets.reshape(-1), reduction="sum"
+                ).double()
+                sums[1] += batch.num_tokens
+                sums[2] += sum(
+                    (moe.last_routing.indices < config.n_routed_experts).sum() for moe in self.model.moe_layers()
                 ) / len(self.model.moe_layers())
+            collectives.sum_(sums)
+            loss_sum, count, ffn = (float(x) for x in sums)
             if count:
                 row[f"val_loss_{domain}"] = loss_sum / count
                 row[f"val_ffn_experts_{domain}"] = ffn / count
@@ -412,6 +472,21 @@ class Trainer:
         row["val_loss"] = total_loss / max(total_tokens, 1)
         self.model.train()
         return row
+
+    def _rank_share(self, batch: Batch) -> tuple[Batch, bool]:
+        """This rank's rows of a validation batch, and whether they count. Every rank must run the same
+        number of forwards (they share collectives), so a batch of fewer rows than ranks runs whole on
+        every rank and counts on rank 0 only."""
+        if self.world == 1:
+            return batch, True
+        rows = batch.input_ids.shape[0]
+        if rows < self.world:
+            return batch, self.is_main
+        rank = self.layout.rank
+        begin, end = rank * rows // self.world, (rank + 1) * rows // self.world
+        part = lambda t: None if t is None else t[begin:end]
+        fields = ("input_ids", "targets", "document_ids", "position_ids", "next_targets")
+        return Batch(*(part(getattr(batch, f)) for f in fields)), True
 
     # ----- checkpoints -----------------------------------------------------------------------
     def save(self) -> Path:
@@ -431,15 +506,23 @@ class Trainer:
         return path
 
     def export_final(self) -> Path:
+        """final/: a Hugging Face directory. On several ranks the shards are gathered to rank 0 first."""
         final = self.out / "final"
+        model = self.model
+        if self.layout is not None:
+            model = gather_full_model(self.model, self.layout, LongcatForCausalLM)
+        if not self.is_main:
+            collectives.barrier()
+            return final
         tmp = self.out / ".final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp, zero_expert_stubs=self.cfg.export_zero_expert_stubs)
+        model.save_pretrained(tmp, zero_expert_stubs=self.cfg.export_zero_expert_stubs)
         for file in self.tokenizer_files:
             shutil.copy2(file, tmp / file.name)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        collectives.barrier()
         return final
 
     def _warn_on_balance_dominance(self, row: dict) -> None:
@@ -458,6 +541,8 @@ class Trainer:
             )
 
     def _log(self, row: dict) -> None:
+        if not self.is_main:
+            return
         with open(self.metrics_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
         if self.tensorboard is not None:
@@ -479,7 +564,8 @@ class Trainer:
                 row = self.train_step(monitor)
                 if row is not None:
                     self._log(row)
-                    self._warn_on_balance_dominance(row)
+                    if self.is_main:
+                        self._warn_on_balance_dominance(row)
                     status = (
                         f"loss {row['loss']:.3f} | {row['tokens_per_s']:,.0f} tok/s | "
                         f"FFN experts/token {row['ffn_experts_mean']:.2f} (target {row['ffn_experts_target']:g})"
@@ -493,10 +579,17 @@ class Trainer:
                     self.save()
         finally:
             progress.close()
-        self.save()
+        if self.world == 1:  # distributed step checkpoints are not built yet
+            self.save()
         final = self.export_final()
         return {"step": self.step, "final": str(final), "skipped_steps": self.skipped, **last_eval}
 
 
-def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False, progress: bool = True) -> dict:
-    return Trainer(cfg, out_dir, resume=resume, progress=progress).run()
+def train(
+    cfg: TrainConfig,
+    out_dir: str | os.PathLike,
+    resume: bool = False,
+    progress: bool = True,
+    layout: Layout | None = None,
+) -> dict:
+    return Trainer(cfg, out_dir, resume=resume, progress=progress, layout=layout).run()
