@@ -94,6 +94,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         result = train.run(**kwargs)
         print(json.dumps(result, indent=2) if args.json else train.report(result))
         return 0
+    if args.name == "ep":
+        from .bench import ep
+
+        kwargs = {"preset": args.preset, "rounds": args.rounds, "seq_len": args.seq_len}
+        if args.batch:
+            kwargs["batch"] = args.batch[0]
+        result = ep.run(**kwargs)
+        print(json.dumps(result, indent=2) if args.json else ep.report(result))
+        return 0
     if args.name == "decode":
         from .bench import decode
 
@@ -180,8 +189,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     main_rank = layout is None or layout.is_main
     if main_rank:
         print(f"training {cfg.preset} into {out}", file=sys.stderr)
+    finished = False
     try:
         summary = train(cfg, out, resume=args.resume, progress=not args.quiet, layout=layout)
+        finished = True
     except TrainingError as err:
         print(f"longcat: {err}" if main_rank else f"longcat: rank {layout.rank}: {err}", file=sys.stderr)
         return 1
@@ -189,6 +200,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if layout is not None:
             import torch.distributed as dist
 
+            if finished:
+                dist.barrier()  # no rank tears its connections down while another still uses them
             dist.destroy_process_group()
     if main_rank:
         print(json.dumps(summary, indent=2))
@@ -349,12 +362,14 @@ def build_parser() -> argparse.ArgumentParser:
     plot.set_defaults(func=cmd_plot)
 
     bench = sub.add_parser("bench", help="benchmarks against transformers and dense baselines")
-    bench.add_argument("name", choices=["moe", "train", "decode"])
+    bench.add_argument("name", choices=["moe", "train", "decode", "ep"])
     bench.add_argument("--checkpoint", help="decode: a trained checkpoint (adds speculative vs plain)")
     bench.add_argument("--draft-tokens", type=int, default=1, help="decode: MTP draft tokens per round")
     bench.add_argument("--json", action="store_true")
     bench.add_argument("--preset", default="small")
-    bench.add_argument("--batch", type=int, nargs="+", default=None, help="sequences per batch (moe: 2 4 8; train: 8)")
+    bench.add_argument(
+        "--batch", type=int, nargs="+", default=None, help="sequences per batch (moe: 2 4 8; train: 8; ep: 4 a rank)"
+    )
     bench.add_argument("--seq-len", type=int, default=256)
     bench.add_argument("--rounds", type=int, default=10, help="timed rounds (the median is reported)")
     bench.add_argument("--data", help="train: a prepared data directory (default: the embedded corpus)")

@@ -30,7 +30,7 @@ def main() -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))  # fmt: skip
     model = build()
-    timer = apply_expert_parallel(model, dist.group.WORLD)
+    timer = apply_expert_parallel(model.moe_layers(), dist.group.WORLD, overlap=rank % 2 == 0)
     ids = batch(rank, model.config.vocab_size)
     result = model(ids, labels=ids)
     result.loss.backward()

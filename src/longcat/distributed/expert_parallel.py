@@ -9,8 +9,8 @@ Dispatch (one MoE call):
   1. this rank's F FFN slots sorted by expert id (rank-major, since each rank holds a contiguous
      block of experts); per-expert counts [N] exchanged with an even all-to-all (the only host sync:
      the split sizes must be Python lists);
-  2. the slots' rows [F, H] and gate weights [F] sent with `all_to_all_single` (uneven splits, empty
-     ones allowed), asynchronously: the ScMoE layer computes FFN_0 meanwhile (model/layer.py);
+  2. the slots' rows [F, H] and gate weights [F] sent with one `all_to_all_single` (uneven splits,
+     empty ones allowed), asynchronously: the ScMoE layer computes FFN_0 meanwhile (model/layer.py);
   3. the received rows [R, H] run through the local experts (the usual grouped path or fused kernel,
      one slot per row, the gate applied inside as in one process), and the results go back by the
      reverse all-to-all, again asynchronously, while MLA_1 and FFN_1 compute;
@@ -19,16 +19,18 @@ Dispatch (one MoE call):
 Zero-expert slots never leave their rank: MoE adds their identity term locally (model/moe.py), as the
 released engines do, so the dispatch volume follows FFN-expert slots (about K_e per token), not K.
 
-Autograd: every all-to-all is differentiable (its adjoint is the reverse all-to-all with the splits
-swapped). In the backward pass they run synchronously, in autograd's order: the backward of the
-return, then of the experts, then of the dispatch; nothing overlaps them there except what autograd
-itself runs on other threads (nothing, on a CPU).
+Autograd: every exchange is differentiable (its adjoint is the reverse exchange with the splits
+swapped) and is recorded as two nodes, a start and a wait. Autograd runs a CPU backward in
+decreasing order of node creation, so the reverse exchange starts at the forward's wait node and is
+waited for at its start node: the return's gradients travel while FFN_1's and MLA_1's backward run,
+the dispatch's while FFN_0's does. The experts' own backward cannot overlap its exchanges (it needs
+their result). With the overlap off each wait follows its start at once in both passes.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -39,12 +41,16 @@ from ..model.moe import Experts, _gather_rows, _scatter_add_rows, _sort_by_exper
 
 @dataclass
 class CommTimer:
-    """Seconds spent blocked in `wait()` on this dispatcher's all-to-alls (exposed communication), and
-    how many were waited for; `longcat bench ep` reads it."""
+    """Seconds spent blocked on the dispatchers' all-to-alls (exposed communication: forward waits and
+    the synchronous backward exchanges), how many, and their bytes; `longcat bench ep` reads it.
+
+    delay_s_per_byte emulates a slower link: an exchange completes no sooner than bytes x delay after
+    it started, so time spent computing meanwhile hides that much of it."""
 
     exposed_s: float = 0.0
     waits: int = 0
-    delay_s_per_byte: float = 0.0  # an emulated slower link: each wait lasts at least bytes * this after the start
+    nbytes: int = 0
+    delay_s_per_byte: float = 0.0
 
     def wait(self, work: dist.Work | None, started: float, nbytes: int) -> None:
         t0 = time.perf_counter()
@@ -56,54 +62,102 @@ class CommTimer:
                 time.sleep(remaining)
         self.exposed_s += time.perf_counter() - t0
         self.waits += 1
+        self.nbytes += nbytes
+
+    def reset(self) -> None:
+        self.exposed_s, self.waits, self.nbytes = 0.0, 0, 0
 
 
-class _AllToAll(torch.autograd.Function):
-    """out [sum(out_splits), ...] = all_to_all_single(x [sum(in_splits), ...]). The forward only starts
-    the exchange and appends (work, start time, bytes) to `pending`; the caller waits before reading
-    `out`. The backward is the reverse exchange, run synchronously."""
+class Exchange:
+    """One all-to-all in flight, in both directions: the forward exchange of x [sum(in_splits), ...]
+    into [sum(out_splits), ...], and later the reverse exchange of its gradient."""
 
-    @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group, pending):  # noqa: ANN001, ANN205
-        ctx.splits, ctx.group = (out_splits, in_splits), group
+    def __init__(self, in_splits: list[int], out_splits: list[int], group: dist.ProcessGroup, timer: CommTimer):
+        self.in_splits, self.out_splits, self.group, self.timer = in_splits, out_splits, group, timer
+        self.work: tuple | None = None  # (work, start time, bytes) of the exchange in flight
+
+    def start(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
         x = x.contiguous()
         out = x.new_empty((sum(out_splits), *x.shape[1:]))
         started = time.perf_counter()
-        work = dist.all_to_all_single(out, x, out_splits, in_splits, group=group, async_op=True)
-        pending.append((work, started, out.numel() * out.element_size()))
+        work = dist.all_to_all_single(out, x, out_splits, in_splits, group=self.group, async_op=True)
+        self.work = (work, started, out.numel() * out.element_size())
         return out
+
+    def wait(self) -> None:
+        if self.work is not None:
+            self.timer.wait(*self.work)
+            self.work = None
+
+
+class _StartExchange(torch.autograd.Function):
+    """Forward: start sending x; the result is valid only after _WaitExchange. Backward: wait for the
+    reverse exchange that _WaitExchange's backward started, and return its result as x's gradient."""
+
+    @staticmethod
+    def forward(ctx, x, exchange):  # noqa: ANN001, ANN205
+        ctx.exchange = exchange
+        return exchange.start(x, exchange.out_splits, exchange.in_splits)
+
+    @staticmethod
+    def backward(ctx, _unused):  # noqa: ANN001, ANN205
+        exchange = ctx.exchange
+        exchange.wait()
+        return exchange.grad, None
+
+
+class _WaitExchange(torch.autograd.Function):
+    """Forward: wait for the exchange to arrive. Backward: start the reverse exchange of the gradient
+    and return at once; autograd meanwhile runs the nodes recorded between the start and the wait."""
+
+    @staticmethod
+    def forward(ctx, out, exchange):  # noqa: ANN001, ANN205
+        ctx.exchange = exchange
+        exchange.wait()
+        return out.view_as(out)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
-        out_splits, in_splits = ctx.splits
-        grad = grad.contiguous()
-        grad_in = grad.new_empty((sum(in_splits), *grad.shape[1:]))
-        dist.all_to_all_single(grad_in, grad, in_splits, out_splits, group=ctx.group)
-        return grad_in, None, None, None, None
+        exchange = ctx.exchange
+        exchange.grad = exchange.start(grad, exchange.in_splits, exchange.out_splits)
+        return grad, None
 
 
 @dataclass
 class _InFlight:
     token: torch.Tensor  # [F] source token of each sent slot, in sorted order
     num_tokens: int
-    in_splits: list[int]  # rows this rank sends to each rank
-    out_splits: list[int]  # rows this rank receives from each rank
-    rows: torch.Tensor | None = None  # [R, H] received rows (valid after the wait)
-    gate: torch.Tensor | None = None  # [R]
+    width: int  # H
+    there: Exchange  # the FFN slots' rows and gates to their experts' ranks
+    back: Exchange | None = None  # the experts' results back to the tokens' ranks
+    sent: torch.Tensor | None = None  # [R, H + 1] received rows and gates (valid after the wait)
     local_expert: torch.Tensor | None = None  # [R] local expert index of each received row
     results: torch.Tensor | None = None  # [F, H] returned results (valid after the wait)
-    pending: list = field(default_factory=list)
 
 
 class AllToAllTokenDispatcher:
-    """The MoE's dispatcher under expert parallelism (the interface: model.moe.LocalTokenDispatcher)."""
+    """The MoE's dispatcher under expert parallelism (the interface: model.moe.LocalTokenDispatcher).
 
-    def __init__(self, group: dist.ProcessGroup, num_experts: int, timer: CommTimer | None = None) -> None:
+    Each exchange is a pair of autograd nodes, a start and a wait, so that in the backward pass too
+    the reverse exchange starts where the forward waited and is waited for where the forward started:
+    autograd runs the nodes recorded in between (FFN_0 for the dispatch; MLA_1 and FFN_1 for the
+    return) while the gradients travel."""
+
+    def __init__(
+        self, group: dist.ProcessGroup, num_experts: int, timer: CommTimer | None = None, overlap: bool = True
+    ) -> None:
+        """overlap=False waits for each all-to-all as soon as it starts (dispatch, experts, combine in
+        sequence, nothing hidden behind the dense path): the baseline the ScMoE overlap is measured against."""
         self.group = group
+        self.overlap = overlap
         self.size = dist.get_world_size(group)
         self.num_experts = num_experts
         self.local = num_experts // self.size
         self.timer = timer or CommTimer()
+
+    def _exchange(self, x: torch.Tensor, exchange: Exchange) -> torch.Tensor:
+        out = _StartExchange.apply(x, exchange)
+        return _WaitExchange.apply(out, exchange) if not self.overlap else out
 
     def dispatch(self, experts: Experts, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> _InFlight:
         T, K = indices.shape
@@ -114,35 +168,29 @@ class AllToAllTokenDispatcher:
         order = order[: int(counts.sum())]  # [F]
         received = torch.empty_like(counts)
         dist.all_to_all_single(received, counts, group=self.group)  # [E L]: from each rank, per local expert
-        state = _InFlight(
-            token=order // K,
-            num_tokens=T,
-            in_splits=counts.view(E, L).sum(1).tolist(),
-            out_splits=received.view(E, L).sum(1).tolist(),
-        )
-        rows = _gather_rows(x, state.token)  # [F, H]
+        in_splits, out_splits = counts.view(E, L).sum(1).tolist(), received.view(E, L).sum(1).tolist()
+        token = order // K
+        rows = _gather_rows(x, token)  # [F, H]
         gate = weights.reshape(-1).index_select(0, order).to(x.dtype)  # [F]
-        state.rows = _AllToAll.apply(rows, state.out_splits, state.in_splits, self.group, state.pending)
-        state.gate = _AllToAll.apply(gate, state.out_splits, state.in_splits, self.group, state.pending)
+        there = Exchange(in_splits, out_splits, self.group, self.timer)
+        state = _InFlight(token, T, x.shape[-1], there)
+        state.sent = self._exchange(torch.cat((rows, gate.unsqueeze(-1)), dim=-1), there)  # one exchange, [R, H + 1]
         local_ids = torch.arange(L, device=x.device).repeat(E)  # [E L]
         state.local_expert = torch.repeat_interleave(local_ids, received.to(x.device))  # [R]
         return state
 
-    def _wait(self, state: _InFlight) -> None:
-        for work, started, nbytes in state.pending:
-            self.timer.wait(work, started, nbytes)
-        state.pending.clear()
-
     def compute(self, experts: Experts, state: _InFlight) -> _InFlight:
-        self._wait(state)
-        y = experts(state.rows, state.local_expert.unsqueeze(-1), state.gate.unsqueeze(-1))  # [R, H]
-        state.results = _AllToAll.apply(y, state.in_splits, state.out_splits, self.group, state.pending)
-        state.rows = state.gate = None
+        sent = _WaitExchange.apply(state.sent, state.there) if self.overlap else state.sent
+        rows, gate = sent.split((state.width, 1), dim=-1)  # [R, H], [R, 1]
+        y = experts(rows, state.local_expert.unsqueeze(-1), gate)  # [R, H]
+        state.back = Exchange(state.there.out_splits, state.there.in_splits, self.group, self.timer)
+        state.results = self._exchange(y, state.back)
+        state.sent = None
         return state
 
     def combine(self, state: _InFlight) -> torch.Tensor:
-        self._wait(state)
-        return _scatter_add_rows(state.results, state.token, state.num_tokens)  # [T, H]
+        results = _WaitExchange.apply(state.results, state.back) if self.overlap else state.results
+        return _scatter_add_rows(results, state.token, state.num_tokens)  # [T, H]
 
 
 def expert_slice(num_experts: int, group: dist.ProcessGroup) -> slice:
@@ -155,14 +203,16 @@ def expert_slice(num_experts: int, group: dist.ProcessGroup) -> slice:
 
 
 @torch.no_grad()
-def apply_expert_parallel(model: nn.Module, group: dist.ProcessGroup, timer: CommTimer | None = None) -> CommTimer:
-    """Keep only this rank's experts in every MoE layer of `model` (built identically on every rank) and
-    install the all-to-all dispatcher. Returns the timer shared by all layers."""
+def apply_expert_parallel(
+    moe_layers: list[nn.Module], group: dist.ProcessGroup, timer: CommTimer | None = None, overlap: bool = True
+) -> CommTimer:
+    """Keep only this rank's experts in every MoE layer given (the model's `moe_layers()`, built
+    identically on every rank) and install the all-to-all dispatcher. Returns the timer they share."""
     timer = timer or CommTimer()
-    for moe in model.moe_layers():
+    for moe in moe_layers:
         experts = moe.experts
         keep = expert_slice(experts.num_experts, group)
-        dispatcher = AllToAllTokenDispatcher(group, experts.num_experts, timer)
+        dispatcher = AllToAllTokenDispatcher(group, experts.num_experts, timer, overlap)
         experts.gate_up_proj = nn.Parameter(experts.gate_up_proj[keep].clone())
         experts.down_proj = nn.Parameter(experts.down_proj[keep].clone())
         experts.num_experts = keep.stop - keep.start

@@ -22,10 +22,13 @@ from .expert_parallel import CommTimer, apply_expert_parallel
 from .layout import Layout
 
 
-def parallelize(model: nn.Module, layout: Layout, param_dtype: torch.dtype | None = None) -> CommTimer | None:
+def parallelize(
+    model: nn.Module, layout: Layout, param_dtype: torch.dtype | None = None, overlap: bool = True
+) -> CommTimer | None:
     """Expert parallelism (E > 1) and FSDP2 over `model`, built identically on every rank. With
-    param_dtype (bf16 on GPUs) FSDP2 computes in it and reduces gradients in fp32."""
-    timer = apply_expert_parallel(model, layout.ep_group) if layout.ep > 1 else None
+    param_dtype (bf16 on GPUs) FSDP2 computes in it and reduces gradients in fp32. overlap=False runs
+    the expert-parallel all-to-alls in sequence with the experts (the baseline of the ScMoE overlap)."""
+    timer = apply_expert_parallel(model.moe_layers(), layout.ep_group, overlap=overlap) if layout.ep > 1 else None
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     for layer in model.model.layers:
         fully_shard(layer.mlp.experts, mesh=layout.expert_mesh["efsdp"], mp_policy=mp)

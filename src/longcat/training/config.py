@@ -77,6 +77,8 @@ class TrainConfig:
     # drafts for, which is what speculative acceptance measures (figures: docs/benchmarks.md, "MTP
     # acceptance"). 0 turns it off.
     mtp_distill_weight: float = 1.0
+    # scale-out (longcat train --nproc N --ep E)
+    moe_overlap: bool = True  # ScMoE: the expert-parallel all-to-alls run while the dense path computes
     # bookkeeping
     seed: int = 0
     deterministic: bool = False

@@ -195,7 +195,8 @@ class Trainer:
             if layout.ep > 1:
                 moe_path = f"expert-parallel all-to-all over {layout.ep} ranks, local experts: {moe_path}"
             on_gpu_bf16 = cfg.dtype == "bfloat16" and self.device.type == "cuda"
-            self.comm_timer = parallelize(self.model, layout, torch.bfloat16 if on_gpu_bf16 else None)
+            param_dtype = torch.bfloat16 if on_gpu_bf16 else None
+            self.comm_timer = parallelize(self.model, layout, param_dtype, overlap=cfg.moe_overlap)
         self.optimizer = build_optimizer(self.model, cfg)
         self.K_e = cfg.target_ffn_experts or self.config.target_ffn_experts
         self.controller = BudgetController(

@@ -1,0 +1,126 @@
+"""Training on several processes (gloo): every layout follows the one-process run step by step, the
+router biases stay identical on every rank, --deterministic runs repeat bit for bit, bad layouts are
+refused before any worker starts, and a killed worker ends the job with its rank named."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.multiprocess
+STEPS = 20
+COMMON = ["--preset", "tiny", "--max-steps", str(STEPS), "--seed", "3", "--quiet",
+          "--set", "batch_size=4", "seq_len=32", "log_every=1", "eval_every=10", "eval_batches=1", "warmup_steps=4",
+          "lb_groups=2"]  # fmt: skip
+
+
+def _env() -> dict:
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    for key in ("OMP_NUM_THREADS", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "MKL_CBWR"):
+        env.pop(key, None)
+    return env
+
+
+def longcat(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "longcat", *args], env=_env(), capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
+def losses(run: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [row["loss"] for row in rows if "loss" in row]
+
+
+def final_hash(run: Path) -> str:
+    return hashlib.sha256((run / "final" / "model.safetensors").read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def one_process(small_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dist") / "one"
+    done = longcat(["train", *COMMON, "--data", str(small_data), "--out", str(out)])
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+@pytest.mark.parametrize(("nproc", "ep"), [(2, 2), (2, 1), (4, 2)])
+def test_layouts_follow_the_one_process_run(one_process, small_data, tmp_path, nproc: int, ep: int) -> None:
+    out = tmp_path / "run"
+    done = longcat(["train", "--nproc", str(nproc), "--ep", str(ep), *COMMON, "--data", str(small_data), "--out",
+                    str(out)])  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    ours, ref = losses(out), losses(one_process)
+    assert len(ours) == len(ref) == STEPS
+    for step, (a, b) in enumerate(zip(ours, ref), 1):
+        assert abs(a - b) <= 1e-4 * abs(b), (step, a, b)
+    record = json.loads((out / "environment.json").read_text())["reproducibility"]
+    assert record["world_size"] == nproc and record["expert_parallel"] == ep
+    assert (record["moe_path"].startswith("expert-parallel")) == (ep > 1)
+    transformers = pytest.importorskip("transformers")  # final/ is gathered into one ordinary checkpoint
+    transformers.LongcatFlashForCausalLM.from_pretrained(out / "final")
+
+
+def test_router_biases_are_identical_on_every_rank_after_every_step(small_data, tmp_path) -> None:
+    env = dict(_env(), PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'src'}", OMP_NUM_THREADS="1")
+    worker = str(REPO / "tests" / "distributed" / "bias_worker.py")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           worker, str(small_data), str(tmp_path / "run"), "2"], env=env, capture_output=True,
+                          text=True, timeout=240)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    checks = json.loads((tmp_path / "run" / "bias_check.json").read_text())
+    assert [c["step"] for c in checks] == list(range(6))
+    assert all(c["equal"] for c in checks) and checks[-1]["moved"]
+
+
+def test_deterministic_runs_on_two_processes_are_bitwise_identical(small_data, tmp_path) -> None:
+    hashes = []
+    for name in ("a", "b"):
+        done = longcat(["train", "--nproc", "2", "--ep", "2", *COMMON, "--max-steps", "8", "--deterministic",
+                        "--data", str(small_data), "--out", str(tmp_path / name)])  # fmt: skip
+        assert done.returncode == 0, done.stderr[-12000:]
+        hashes.append(final_hash(tmp_path / name))
+    assert hashes[0] == hashes[1]
+
+
+def test_bad_layouts_are_refused_before_any_worker_starts(tmp_path) -> None:
+    cases = [
+        (["--nproc", "3", "--ep", "2"], "--ep 2 must divide --nproc 3"),
+        (["--nproc", "3", "--ep", "3"], "must divide the model's 16 FFN experts"),
+        (["--ep", "2"], "--ep needs --nproc"),
+        (["--nproc", "0"], "--nproc must be at least 1"),
+    ]
+    for flags, message in cases:
+        done = longcat(["train", *flags, "--out", str(tmp_path / "never")], timeout=60)
+        assert done.returncode == 2 and message in done.stderr, (flags, done.stderr[-2000:])
+        assert not (tmp_path / "never").exists()
+
+
+def test_a_killed_worker_ends_the_job_naming_its_rank(small_data, tmp_path) -> None:
+    out = tmp_path / "run"
+    launcher = subprocess.Popen([sys.executable, "-m", "longcat", "train", "--nproc", "2", *COMMON, "--max-steps",
+                                 "100000", "--data", str(small_data), "--out", str(out)], env=_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while not (out / "metrics.jsonl").exists():
+            assert launcher.poll() is None and time.time() < deadline, "the run did not start"
+            time.sleep(0.1)
+        workers = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2, workers
+        os.kill(int(workers[-1]), signal.SIGKILL)
+        _, err = launcher.communicate(timeout=120)
+    finally:
+        launcher.kill()
+    assert launcher.returncode != 0
+    assert "worker rank" in err and "SIGKILL" in err, err[-3000:]
+    for pid in workers:  # no worker left behind
+        assert subprocess.run(["kill", "-0", pid], capture_output=True).returncode != 0
