@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -193,9 +194,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         summary = train(cfg, out, resume=args.resume, progress=not args.quiet, layout=layout)
         finished = True
+        if main_rank:
+            print(json.dumps(summary, indent=2))
     except TrainingError as err:
         print(f"longcat: {err}" if main_rank else f"longcat: rank {layout.rank}: {err}", file=sys.stderr)
-        return 1
+    except BaseException:
+        if layout is None:
+            raise
+        import traceback
+
+        print(f"longcat: rank {layout.rank} failed:", file=sys.stderr)
+        traceback.print_exc()  # every rank's error is shown, not only rank 0's
     finally:
         if layout is not None:
             import torch.distributed as dist
@@ -203,9 +212,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             if finished:
                 dist.barrier()  # no rank tears its connections down while another still uses them
             dist.destroy_process_group()
-    if main_rank:
-        print(json.dumps(summary, indent=2))
-    return 0
+            # a worker leaves without the interpreter's teardown: gloo's threads have aborted a worker
+            # there ("terminate called without an active exception") after its work was done
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0 if finished else 1)
+    return 0 if finished else 1
 
 
 def torch_cuda_available() -> bool:
@@ -291,6 +303,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .training.checkpointing import StateFileError, export_checkpoint
+
+    try:
+        out = export_checkpoint(Path(args.source), Path(args.out))
+    except StateFileError as err:
+        raise CheckpointError(str(err)) from err
+    print(out)
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from .training.plots import plot_run
 
@@ -355,6 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stats", action="store_true", help="print speed (and MTP acceptance) to stderr")
     gen.add_argument("--compile", action="store_true", help="torch.compile the decode steps (slow first call)")
     gen.set_defaults(func=cmd_generate)
+
+    export = sub.add_parser("export", help="a training step checkpoint as a Hugging Face directory")
+    export.add_argument("source", help="checkpoints/step_N of a run, or a run directory (its latest checkpoint)")
+    export.add_argument("--out", required=True, help="the directory to write (replaced if it exists)")
+    export.set_defaults(func=cmd_export)
 
     plot = sub.add_parser("plot", help="PNG plots of a run's metrics")
     plot.add_argument("run_dir")

@@ -57,7 +57,7 @@ def test_layouts_follow_the_one_process_run(one_process, small_data, tmp_path, n
     out = tmp_path / "run"
     done = longcat(["train", "--nproc", str(nproc), "--ep", str(ep), *COMMON, "--data", str(small_data), "--out",
                     str(out)])  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, done.stderr[-8000:]
     ours, ref = losses(out), losses(one_process)
     assert len(ours) == len(ref) == STEPS
     for step, (a, b) in enumerate(zip(ours, ref), 1):
@@ -75,7 +75,7 @@ def test_router_biases_are_identical_on_every_rank_after_every_step(small_data, 
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            worker, str(small_data), str(tmp_path / "run"), "2"], env=env, capture_output=True,
                           text=True, timeout=240)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, done.stderr[-8000:]
     checks = json.loads((tmp_path / "run" / "bias_check.json").read_text())
     assert [c["step"] for c in checks] == list(range(6))
     assert all(c["equal"] for c in checks) and checks[-1]["moved"]
@@ -86,7 +86,7 @@ def test_deterministic_runs_on_two_processes_are_bitwise_identical(small_data, t
     for name in ("a", "b"):
         done = longcat(["train", "--nproc", "2", "--ep", "2", *COMMON, "--max-steps", "8", "--deterministic",
                         "--data", str(small_data), "--out", str(tmp_path / name)])  # fmt: skip
-        assert done.returncode == 0, done.stderr[-12000:]
+        assert done.returncode == 0, done.stderr[-8000:]
         hashes.append(final_hash(tmp_path / name))
     assert hashes[0] == hashes[1]
 
@@ -124,3 +124,83 @@ def test_a_killed_worker_ends_the_job_naming_its_rank(small_data, tmp_path) -> N
     assert "worker rank" in err and "SIGKILL" in err, err[-3000:]
     for pid in workers:  # no worker left behind
         assert subprocess.run(["kill", "-0", pid], capture_output=True).returncode != 0
+
+
+def _rows(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows if "loss" in row}
+
+
+def _cut_back_to(run: Path, step: int) -> None:
+    """As if the run had died right after its step-`step` checkpoint."""
+    import shutil
+
+    for path in (run / "checkpoints").iterdir():
+        if int(path.name.split("_")[1]) > step:
+            shutil.rmtree(path)
+    shutil.rmtree(run / "final")
+
+
+TWO, FOUR = ["--nproc", "2", "--ep", "2"], ["--nproc", "4", "--ep", "2"]
+
+
+@pytest.mark.parametrize(("first", "then"), [(TWO, []), ([], TWO), (TWO, FOUR)])
+def test_resume_at_another_world_size_follows_the_uninterrupted_run(small_data, tmp_path, first, then) -> None:
+    run = tmp_path / "run"
+    done = longcat(["train", *first, *COMMON, "--save-every", "10", "--data", str(small_data), "--out", str(run)])
+    assert done.returncode == 0, done.stderr[-8000:]
+    uninterrupted = _rows(run)
+    _cut_back_to(run, 10)
+    done = longcat(["train", *then, "--out", str(run), "--resume", "--quiet"])
+    assert done.returncode == 0, done.stderr[-8000:]
+    resumed = _rows(run)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    for step in range(11, STEPS + 1):
+        assert abs(resumed[step] - uninterrupted[step]) <= 1e-4 * abs(uninterrupted[step]), step
+    assert (run / "final" / "model.safetensors").is_file()
+
+
+def test_kill_9_of_a_worker_then_resume_equals_the_uninterrupted_run(small_data, tmp_path) -> None:
+    args = ["train", "--nproc", "2", "--ep", "2", *COMMON, "--max-steps", "12", "--deterministic", "--data",
+            str(small_data)]  # fmt: skip
+    done = longcat([*args, "--out", str(tmp_path / "ref")])
+    assert done.returncode == 0, done.stderr[-8000:]
+    run = tmp_path / "run"
+    launcher = subprocess.Popen([sys.executable, "-m", "longcat", *args, "--save-every", "4", "--out", str(run)],
+                                env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while not (run / "checkpoints" / "step_4").exists():
+            assert launcher.poll() is None and time.time() < deadline, "no checkpoint"
+            time.sleep(0.01)
+        workers = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+        os.kill(int(workers[0]), signal.SIGKILL)
+        launcher.communicate(timeout=120)
+    finally:
+        launcher.kill()
+    assert launcher.returncode != 0 and not (run / "final").exists()
+    done = longcat(["train", "--nproc", "2", "--ep", "2", "--out", str(run), "--resume", "--quiet"])
+    assert done.returncode == 0, done.stderr[-8000:]
+    assert "another environment" not in done.stderr
+    assert final_hash(run) == final_hash(tmp_path / "ref")
+
+
+def test_export_turns_a_step_checkpoint_into_a_hugging_face_directory(small_data, tmp_path) -> None:
+    run = tmp_path / "run"
+    done = longcat(["train", "--nproc", "2", "--ep", "2", *COMMON, "--max-steps", "4", "--data", str(small_data),
+                    "--out", str(run)])  # fmt: skip
+    assert done.returncode == 0, done.stderr[-8000:]
+    done = longcat(["export", str(run), "--out", str(tmp_path / "hf")])
+    assert done.returncode == 0, done.stderr
+    from safetensors.torch import load_file
+
+    exported, final = load_file(tmp_path / "hf" / "model.safetensors"), load_file(run / "final" / "model.safetensors")
+    assert exported.keys() == final.keys()
+    assert all(torch_equal(exported[k], final[k]) for k in final)
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
+
+
+def torch_equal(a, b) -> bool:  # noqa: ANN001
+    import torch
+
+    return torch.equal(a, b)

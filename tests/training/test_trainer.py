@@ -29,7 +29,9 @@ def test_run_writes_metrics_checkpoints_and_final(small_data, tmp_path) -> None:
     assert model.model.mtp is not None
     assert (tmp_path / "final" / "tokenizer.json").is_file()
     assert summary["step"] == 8
-    assert TrainConfig.from_file(tmp_path / "train_config.json") == tiny_train_config(small_data, save_every=4)
+    # lb_groups None resolves to the EP size, 1 on one process, and is stored resolved
+    resolved = tiny_train_config(small_data, save_every=4, lb_groups=1)
+    assert TrainConfig.from_file(tmp_path / "train_config.json") == resolved
     with pytest.raises(TrainingError, match="--resume"):
         Trainer(tiny_train_config(small_data), tmp_path, progress=False)
 
@@ -61,7 +63,9 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(small_data, tmp_path, mo
     with pytest.raises(TrainingError, match="non-finite"):
         trainer.run()
     assert trainer.skipped == 4  # step 3 alone, then steps 6, 7, 8 in a row
-    good = LongcatForCausalLM.from_pretrained(tmp_path / "checkpoints" / "step_4")
+    from longcat.training.checkpointing import load_checkpoint_model
+
+    good = load_checkpoint_model(tmp_path / "checkpoints" / "step_4")
     assert all(torch.isfinite(p).all() for p in good.parameters())
 
 
@@ -170,14 +174,14 @@ def test_resume_refuses_tampered_state_and_other_layouts(small_data, tmp_path, c
     state_path = run / "checkpoints" / "step_2" / STATE_FILE
     good = state_path.read_bytes()
     state = torch.load(state_path, weights_only=True)
-    assert {"step", "optimizer", "loader", "rng", "environment"} <= set(state)
+    assert {"step", "loader", "rng", "environment"} <= set(state)
     capsys.readouterr()
     torch.save({**state, "rng": _RunsCode()}, state_path)
     with pytest.raises(TrainingError, match="not a trainer state this version can read safely"):
         Trainer(tiny_train_config(small_data, max_steps=3), run, resume=True, progress=False)
     assert "TAMPERED" not in capsys.readouterr().out
     torch.save({"step": 2}, state_path)
-    with pytest.raises(TrainingError, match="lacks optimizer"):
+    with pytest.raises(TrainingError, match="lacks loader"):
         Trainer(tiny_train_config(small_data, max_steps=3), run, resume=True, progress=False)
     state_path.write_bytes(good)
     old = tmp_path / "old"  # written before run directories carried a version: no environment.json

@@ -1,10 +1,12 @@
 """Training checkpoints that a run killed at any moment resumes from exactly.
 
-`checkpoints/step_N/` is a Hugging Face-format model directory (so `from_pretrained` and transformers
-read it) plus `trainer_state.pt`: optimizer, data position, RNG states and counters. The model holds the
-expert selection biases, the controller's only state besides its schedule, which is a function of the
-step. A checkpoint is written under a temporary name and renamed, so a directory named `step_N`
-is always complete.
+`checkpoints/step_N/` holds `state/`, the model's and the optimizer's tensors as a distributed
+checkpoint that every rank writes its own part of and that loads at any world size or EP size
+(distributed/checkpoint.py); `trainer_state.pt`: data position, RNG states, counters and the settings;
+`config.json` and the tokenizer, so `longcat export` turns it into a Hugging Face directory. The model
+holds the expert selection biases, the controller's only state besides its schedule, which is a
+function of the step. A checkpoint is written under a temporary name and renamed, so a directory
+named `step_N` is always complete.
 
 `trainer_state.pt` holds tensors, numbers, strings and containers of them only, and is read with
 `torch.load(weights_only=True)`: a state file from elsewhere cannot run code on load, and one that
@@ -31,7 +33,7 @@ STATE_FILE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _ASIDE_DIR = re.compile(r"^\.step_(\d+)\.old$")
 # what a state file must hold (more keys are allowed and ignored)
-STATE_KEYS = ("step", "optimizer", "loader", "rng", "skipped", "consecutive_bad", "tokens_seen", "train_config")
+STATE_KEYS = ("step", "loader", "rng", "skipped", "consecutive_bad", "tokens_seen", "train_config")
 
 
 class StateFileError(RuntimeError):
@@ -65,21 +67,34 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(
-    directory: Path, model, trainer_state: dict, extra_files: list[Path], zero_expert_stubs: bool = False
-) -> Path:  # noqa: ANN001
-    """Write `directory` atomically: a temporary sibling, flushed to disk, then renamed. An existing
-    checkpoint of that name is first renamed aside and deleted only after the new one is in place, so a
-    crash leaves one complete checkpoint under the name (or the old one aside), never a partial one."""
-    tmp = directory.with_name(f".{directory.name}.tmp")
-    old = directory.with_name(f".{directory.name}.old")
+SHARDS_DIR = "state"
+
+
+def checkpoint_tmp(directory: Path) -> Path:
+    """Where `directory` is written before it is renamed into place."""
+    return directory.with_name(f".{directory.name}.tmp")
+
+
+def begin_checkpoint(directory: Path) -> Path:
+    """Rank 0, before every rank writes its shards into the returned directory's SHARDS_DIR."""
+    tmp = checkpoint_tmp(directory)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, zero_expert_stubs=zero_expert_stubs)
+    return tmp
+
+
+def finish_checkpoint(directory: Path, trainer_state: dict, config, extra_files: list[Path]) -> Path:  # noqa: ANN001
+    """Rank 0, once every rank has written its shards: the small files, everything flushed to disk, then
+    the rename. An existing checkpoint of that name is first renamed aside and deleted only after the
+    new one is in place, so a crash leaves one complete checkpoint under the name (or the old one
+    aside), never a partial one."""
+    tmp = checkpoint_tmp(directory)
+    old = directory.with_name(f".{directory.name}.old")
+    config.to_json_file(tmp / "config.json")
     for file in extra_files:
         shutil.copy2(file, tmp / file.name)
     torch.save(trainer_state, tmp / STATE_FILE)
-    for path in tmp.iterdir():  # the weights are fsynced by save_pretrained; the rest here
+    for path in (*tmp.iterdir(), *(tmp / SHARDS_DIR).iterdir()):
         fsync_file(path)
     if directory.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -91,7 +106,9 @@ def save_checkpoint(
     return directory
 
 
-RUN_FORMAT_VERSION = 2  # 1: no environment.json, pickled trainer state; 2: environment.json, weights-only state
+# 1: no environment.json, HF-format step checkpoints with a pickled trainer state; 2: environment.json,
+# distributed step checkpoints with a weights-only trainer state
+RUN_FORMAT_VERSION = 2
 ENVIRONMENT_FILE = "environment.json"
 
 
@@ -180,3 +197,41 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
+
+
+def checkpoint_dir(source: Path) -> Path:
+    """A step checkpoint directory, or a run directory's latest complete checkpoint."""
+    if (source / STATE_FILE).is_file():
+        return source
+    found = list_checkpoints(source / "checkpoints")
+    if not found:
+        raise StateFileError(f"{source} is neither a step checkpoint (no {STATE_FILE}) nor a run directory with one")
+    return found[-1][1]
+
+
+def load_checkpoint_model(directory: Path):  # noqa: ANN201 - LongcatForCausalLM
+    """The model of one step checkpoint, in one process on the CPU (from any layout's checkpoint)."""
+    from ..config import LongcatConfig
+    from ..distributed.checkpoint import checkpoint_state, load
+    from ..model.lm import LongcatForCausalLM
+
+    model = LongcatForCausalLM(LongcatConfig.from_json_file(directory / "config.json"), device="cpu", seed=0)
+    load(directory / SHARDS_DIR, checkpoint_state(model, None, None))
+    return model
+
+
+def export_checkpoint(source: Path, out: Path, zero_expert_stubs: bool = True) -> Path:
+    """A step checkpoint (or a run's latest) as a Hugging Face directory with its tokenizer, written
+    under a temporary name and renamed."""
+    directory = checkpoint_dir(source)
+    model = load_checkpoint_model(directory)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, zero_expert_stubs=zero_expert_stubs)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (directory / name).is_file():
+            shutil.copy2(directory / name, tmp / name)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out

@@ -68,7 +68,9 @@ class TrainConfig:
     bias_budget_final_ratio: float | None = 1.0  # split rates: the budget part's decay (None: as the balance part)
     # losses
     lb_alpha: float = 0.001  # device-level balance loss with the zero-expert group (Eqs. 3-5)
-    lb_groups: int = 1  # D: groups of FFN experts (one per expert-parallel device)
+    # D: groups of FFN experts, one per expert-parallel device; None: the run's EP size (1 on one process),
+    # resolved when the run starts and stored in train_config.json, so a resume keeps it
+    lb_groups: int | None = None
     z_loss_weight: float = 1e-6  # hidden z-loss (Eq. 10)
     mtp_weight: float = 0.3
     mtp_start_step: int | None = None  # None: a quarter into the run (the paper adds MTP late)
@@ -115,7 +117,7 @@ class TrainConfig:
             raise ConfigError("decay_fraction and min_lr_ratio must lie in [0, 1]")
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
-        if self.lb_groups <= 0:
+        if self.lb_groups is not None and self.lb_groups <= 0:
             raise ConfigError(f"lb_groups must be positive, got {self.lb_groups}")
         return self
 

@@ -13,6 +13,7 @@ with tokenizer).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -24,9 +25,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..config import LongcatConfig
 from ..data.loader import Batch, PackedLoader, TokenStream, sequential_batches
 from ..data.prepare import load_meta, prepare
 from ..distributed import collectives
+from ..distributed.checkpoint import checkpoint_state, init_optimizer_state
+from ..distributed.checkpoint import load as dcp_load
+from ..distributed.checkpoint import save as dcp_save
 from ..distributed.layout import Layout
 from ..distributed.parallelize import finish_gradients, gather_full_model, parallelize
 from ..model.cpu_kernels import fused_experts_available, unavailable_reason
@@ -34,13 +39,16 @@ from ..model.lm import LongcatForCausalLM
 from .balance import BudgetController, lb_probability_gradient, load_balance_loss
 from .checkpointing import (
     RUN_FORMAT_VERSION,
+    SHARDS_DIR,
     StateFileError,
+    begin_checkpoint,
+    checkpoint_tmp,
+    finish_checkpoint,
     list_checkpoints,
     load_trainer_state,
     prune_checkpoints,
     rng_state,
     run_format,
-    save_checkpoint,
     set_rng_state,
     truncate_metrics,
     write_environment,
@@ -119,7 +127,9 @@ class Trainer:
         progress: bool = True,
         layout: Layout | None = None,
     ):
-        self.cfg = cfg.validate()
+        if cfg.validate().lb_groups is None:  # "device-level" balance: one group per expert-parallel rank
+            cfg = dataclasses.replace(cfg, lb_groups=layout.ep if layout else 1)
+        self.cfg = cfg
         self.out = Path(out_dir)
         self.metrics_path = self.out / "metrics.jsonl"
         self.ckpt_root = self.out / "checkpoints"
@@ -165,27 +175,23 @@ class Trainer:
             )
         if resume and not existing:
             raise TrainingError(f"--resume: {self.ckpt_root} holds no complete checkpoint to resume from")
-        if self.world > 1 and (resume or cfg.save_every):
-            raise TrainingError(
-                "step checkpoints and --resume are not built yet for runs on several processes (distributed "
-                "checkpoints come next); run without --save-every/--resume, or on one process"
-            )
         self.step, self.skipped, self.consecutive_bad, self.tokens_seen = 0, 0, 0, 0
         torch.manual_seed(cfg.seed)
+        state = None
         if resume:
             step, path = existing[-1]
             try:
                 state = load_trainer_state(path)
             except StateFileError as err:
                 raise TrainingError(str(err)) from err
-            self.model = LongcatForCausalLM.from_pretrained(path, device=self.device, dtype=torch.float32)
+            model_cfg = LongcatConfig.from_json_file(path / "config.json")
         else:
             special = {k: self.meta[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
             model_cfg = cfg.model_config(vocab_size=self.meta["vocab_size"], special=special)
-            self.model = LongcatForCausalLM(model_cfg, device="meta")
-            self.model.to_empty(device=self.device)
-            self.model.init_weights(torch.Generator(self.device).manual_seed(cfg.seed), expert_gamma=cfg.expert_gamma)
-            state = None
+        # built the same way on every rank; a resume then overwrites every tensor from the checkpoint
+        self.model = LongcatForCausalLM(model_cfg, device="meta")
+        self.model.to_empty(device=self.device)
+        self.model.init_weights(torch.Generator(self.device).manual_seed(cfg.seed), expert_gamma=cfg.expert_gamma)
         self.config = self.model.config
         for moe in self.model.moe_layers():
             moe.keep_routing = True
@@ -231,21 +237,23 @@ class Trainer:
         if state is not None:
             saved = state.get("train_config") or {}
             changed = sorted(k for k, v in cfg.to_dict().items() if k in saved and saved[k] != v)
-            if changed:
+            if changed and self.is_main:
                 print(
                     f"longcat: resuming with settings that differ from the checkpoint's: {', '.join(changed)}; "
                     "where they shape training (batch, schedule, max_steps, lr, ...) the run will not match an "
                     "uninterrupted one",
                     file=sys.stderr,
                 )
-            self.optimizer.load_state_dict(state["optimizer"])
+            init_optimizer_state(self.optimizer)
+            dcp_load(path / SHARDS_DIR, checkpoint_state(self.model, self.optimizer, self.layout))
             self.loader.load_state_dict(state["loader"])
             set_rng_state(state["rng"])
             self.step, self.skipped = state["step"], state["skipped"]
             self.consecutive_bad, self.tokens_seen = state["consecutive_bad"], state["tokens_seen"]
-            truncate_metrics(self.metrics_path, self.step)
             changed = differences(state.get("environment") or {}, self.environment)
-            if changed and cfg.deterministic:
+            if self.is_main:
+                truncate_metrics(self.metrics_path, self.step)
+            if changed and cfg.deterministic and self.is_main:
                 print(
                     f"longcat: resuming at step {self.step} under another environment than the checkpoint's "
                     f"({'; '.join(changed)}): the continuation will not be bitwise identical to an uninterrupted "
@@ -491,9 +499,16 @@ class Trainer:
 
     # ----- checkpoints -----------------------------------------------------------------------
     def save(self) -> Path:
+        """checkpoints/step_N/: every rank writes its shards (a collective), rank 0 the rest."""
+        directory = self.ckpt_root / f"step_{self.step}"
+        if self.is_main:
+            begin_checkpoint(directory)
+        collectives.barrier()
+        init_optimizer_state(self.optimizer)  # a checkpoint before the first step still holds every slot
+        dcp_save(checkpoint_tmp(directory) / SHARDS_DIR, checkpoint_state(self.model, self.optimizer, self.layout))
+        collectives.barrier()
         state = {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
             "loader": self.loader.state_dict(),
             "rng": rng_state(),
             "skipped": self.skipped,
@@ -502,9 +517,11 @@ class Trainer:
             "train_config": self.cfg.to_dict(),
             "environment": self.environment,
         }
-        path = save_checkpoint(self.ckpt_root / f"step_{self.step}", self.model, state, self.tokenizer_files)
-        prune_checkpoints(self.ckpt_root, self.cfg.keep_checkpoints)
-        return path
+        if self.is_main:
+            finish_checkpoint(directory, state, self.config, self.tokenizer_files)
+            prune_checkpoints(self.ckpt_root, self.cfg.keep_checkpoints)
+        collectives.barrier()
+        return directory
 
     def export_final(self) -> Path:
         """final/: a Hugging Face directory. On several ranks the shards are gathered to rank 0 first."""
@@ -580,8 +597,7 @@ class Trainer:
                     self.save()
         finally:
             progress.close()
-        if self.world == 1:  # distributed step checkpoints are not built yet
-            self.save()
+        self.save()
         final = self.export_final()
         return {"step": self.step, "final": str(final), "skipped_steps": self.skipped, **last_eval}
 
