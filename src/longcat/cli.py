@@ -147,6 +147,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.resume and not args.out:
         raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
+    if args.max_restarts is not None and args.nproc is None:
+        raise ConfigError("--max-restarts needs --nproc N (under torchrun, pass --max-restarts to torchrun)")
     if args.ep is not None and args.nproc is None and not in_torchrun():
         raise ConfigError(
             "--ep needs --nproc N (or a torchrun launch): expert parallelism spreads experts over processes"
@@ -156,6 +158,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.out
         else Path("runs") / (f"{args.preset or 'tiny'}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}")
     )
+    # torchrun restarting failed workers (--max-restarts): they continue from the last complete checkpoint
+    restarted = in_torchrun() and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    if restarted and not args.resume:
+        from .training.checkpointing import list_checkpoints
+
+        args.resume = bool(list_checkpoints(out / "checkpoints"))
     if args.resume and (out / "train_config.json").is_file():
         cfg = TrainConfig.from_file(out / "train_config.json")  # the run's own settings
     elif args.config:
@@ -178,7 +186,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not args.out:
             worker += ["--out", str(out)]
         print(f"training {cfg.preset} into {out} on {args.nproc} processes", file=sys.stderr)
-        return launch_train(worker, args.nproc, args.ep or 1, cfg.model_config().n_routed_experts)
+        experts = cfg.model_config().n_routed_experts
+        return launch_train(worker, args.nproc, args.ep or 1, experts, max_restarts=args.max_restarts or 0)
     if cfg.deterministic:  # MKL takes its reproducible mode only before its first computation
         enable_blas_reproducibility()
     layout = None
@@ -187,6 +196,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         cuda = cfg.device in ("auto", "cuda") and torch_cuda_available()
         layout = init_layout(args.ep or 1, "cuda" if cuda else "cpu")
+        if restarted and not args.resume:  # no checkpoint yet: the failed attempt's rows go, the run starts over
+            import torch.distributed as dist
+
+            if layout.is_main:
+                (out / "metrics.jsonl").unlink(missing_ok=True)
+            dist.barrier()
     main_rank = layout is None or layout.is_main
     if main_rank:
         print(f"training {cfg.preset} into {out}", file=sys.stderr)
@@ -227,15 +242,15 @@ def torch_cuda_available() -> bool:
 
 
 def _without_launcher_flags(argv: list[str]) -> list[str]:
-    """The train arguments a worker gets: the user's, less the launcher's own (--nproc, --ep; the
-    launcher passes --ep on by itself) and the command name."""
+    """The train arguments a worker gets: the user's, less the launcher's own (--nproc, --ep,
+    --max-restarts; the launcher passes --ep on by itself) and the command name."""
     out, skip = [], False
     for item in argv[argv.index("train") + 1 :]:
         if skip:
             skip = False
             continue
         name = item.split("=", 1)[0]
-        if name in ("--nproc", "--ep"):
+        if name in ("--nproc", "--ep", "--max-restarts"):
             skip = "=" not in item
             continue
         out.append(item)
@@ -359,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--nproc", type=int, help="train on N local processes (torch.distributed.run); batch_size is global"
     )
     train.add_argument("--ep", type=int, help="expert parallelism: spread each layer's FFN experts over E ranks")
+    train.add_argument(
+        "--max-restarts", type=int, help="with --nproc: restart failed workers up to K times; they resume by themselves"
+    )
     train.set_defaults(func=cmd_train)
 
     gen = sub.add_parser("generate", help="generate text from a checkpoint")

@@ -97,6 +97,7 @@ def test_bad_layouts_are_refused_before_any_worker_starts(tmp_path) -> None:
         (["--nproc", "3", "--ep", "3"], "must divide the model's 16 FFN experts"),
         (["--ep", "2"], "--ep needs --nproc"),
         (["--nproc", "0"], "--nproc must be at least 1"),
+        (["--max-restarts", "1"], "--max-restarts needs --nproc"),
     ]
     for flags, message in cases:
         done = longcat(["train", *flags, "--out", str(tmp_path / "never")], timeout=60)
@@ -182,6 +183,23 @@ def test_kill_9_of_a_worker_then_resume_equals_the_uninterrupted_run(small_data,
     done = longcat(["train", "--nproc", "2", "--ep", "2", "--out", str(run), "--resume", "--quiet"])
     assert done.returncode == 0, done.stderr[-8000:]
     assert "another environment" not in done.stderr
+    assert final_hash(run) == final_hash(tmp_path / "ref")
+    # with --max-restarts the launcher restarts the workers, which resume by themselves
+    run = tmp_path / "restarted"
+    launcher = subprocess.Popen([sys.executable, "-m", "longcat", *args, "--save-every", "4", "--max-restarts", "1",
+                                 "--out", str(run)], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while not (run / "checkpoints" / "step_4").exists():
+            assert launcher.poll() is None and time.time() < deadline, "no checkpoint"
+            time.sleep(0.01)
+        workers = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+        os.kill(int(workers[-1]), signal.SIGKILL)
+        _, err = launcher.communicate(timeout=180)
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 0, err[-8000:]
     assert final_hash(run) == final_hash(tmp_path / "ref")
 
 

@@ -56,6 +56,7 @@ from .checkpointing import (
 from .config import TrainConfig
 from .determinism import configure_determinism, differences, environment
 from .optim import build_optimizer, clip_gradients, lr_at, set_lr
+from .progress import Progress, tensorboard_writer
 from .stability import hidden_stats, hidden_z_loss, router_cosine, small_gradient_share
 
 
@@ -83,36 +84,6 @@ def _to(batch: Batch, device: torch.device) -> Batch:
     return Batch(
         *(move(getattr(batch, f)) for f in ("input_ids", "targets", "document_ids", "position_ids", "next_targets"))
     )
-
-
-def _tensorboard_writer(path: Path):  # noqa: ANN202 - SummaryWriter | None
-    """TensorBoard logging when the tensorboard package is installed; nothing otherwise."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(path))
-
-
-class Progress:
-    """One status line: redrawn in place on a terminal, printed at log steps otherwise."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.enabled, self.tty = total, enabled, sys.stderr.isatty()
-        self.start = time.perf_counter()
-
-    def update(self, step: int, row: dict | None, text: str) -> None:
-        if not self.enabled or (not self.tty and row is None):
-            return
-        elapsed = time.perf_counter() - self.start
-        eta = elapsed / max(step, 1) * (self.total - step)
-        line = f"step {step}/{self.total} | {text} | {elapsed:.0f}s elapsed, eta {eta:.0f}s"
-        sys.stderr.write(("\r" + line + " " * 4) if self.tty else line + "\n")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled and self.tty:
-            sys.stderr.write("\n")
 
 
 class Trainer:
@@ -265,7 +236,7 @@ class Trainer:
             write_environment(self.out, self.environment, self.step)
             (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
             self.config.to_json_file(self.out / "model_config.json")
-            self.tensorboard = _tensorboard_writer(self.out / "tensorboard")
+            self.tensorboard = tensorboard_writer(self.out / "tensorboard")
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16)
             if cfg.dtype == "bfloat16" and self.device.type == "cuda"
