@@ -179,6 +179,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.deterministic:
         assignments.append("deterministic=true")
     cfg = cfg.with_overrides(assignments)
+    model_config = _resumed_model_config(out, cfg) if args.resume else cfg.model_config()
     if args.nproc is not None:  # the launcher: start the workers, each of which comes back here
         from .launcher import launch_train
 
@@ -186,7 +187,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not args.out:
             worker += ["--out", str(out)]
         print(f"training {cfg.preset} into {out} on {args.nproc} processes", file=sys.stderr)
-        experts = cfg.model_config().n_routed_experts
+        experts = model_config.n_routed_experts
         return launch_train(worker, args.nproc, args.ep or 1, experts, max_restarts=args.max_restarts or 0)
     if cfg.deterministic:  # MKL takes its reproducible mode only before its first computation
         enable_blas_reproducibility()
@@ -233,6 +234,25 @@ def cmd_train(args: argparse.Namespace) -> int:
             sys.stderr.flush()
             os._exit(0 if finished else 1)
     return 0 if finished else 1
+
+
+def _resumed_model_config(out: Path, cfg) -> LongcatConfig:  # noqa: ANN001 - TrainConfig
+    """The model of the checkpoint a resume continues; a --set model.FIELD that contradicts it is refused
+    here, before any worker starts (a resume cannot change the model's shape)."""
+    from .training.checkpointing import list_checkpoints
+
+    found = list_checkpoints(out / "checkpoints")
+    if not found or not (found[-1][1] / "config.json").is_file():
+        return cfg.model_config()  # the trainer says what is missing
+    saved = LongcatConfig.from_json_file(found[-1][1] / "config.json")
+    for key, value in cfg.model.items():
+        if getattr(saved, key, value) != value:
+            raise ConfigError(
+                f"--set model.{key}={value!r} differs from the checkpoint's {key} = {getattr(saved, key)!r} "
+                f"({found[-1][1]}): a resume continues the checkpoint's model; drop the override, or start a new "
+                f"run with --out elsewhere (longcat export turns the checkpoint into a model directory)"
+            )
+    return saved
 
 
 def torch_cuda_available() -> bool:

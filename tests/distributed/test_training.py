@@ -156,6 +156,9 @@ def test_resume_at_another_world_size_follows_the_uninterrupted_run(small_data, 
     assert done.returncode == 0, done.stderr[-8000:]
     resumed = _rows(run)
     assert sorted(resumed) == list(range(1, STEPS + 1))
+    if then:  # a resume cannot change the model's shape: refused before any worker starts
+        wider = longcat(["train", *then, "--out", str(run), "--resume", "--set", "model.hidden_size=64"], timeout=60)
+        assert wider.returncode == 2 and "--set model.hidden_size=64 differs from the checkpoint's" in wider.stderr
     for step in range(11, STEPS + 1):
         assert abs(resumed[step] - uninterrupted[step]) <= 1e-4 * abs(uninterrupted[step]), step
     assert (run / "final" / "model.safetensors").is_file()
