@@ -25,12 +25,12 @@ def build() -> LongcatForCausalLM:
 
 
 def main() -> None:
-    rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    rank, world, port, out, overlap = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5] == "1"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))  # fmt: skip
     model = build()
-    timer = apply_expert_parallel(model.moe_layers(), dist.group.WORLD, overlap=rank % 2 == 0)
+    timer = apply_expert_parallel(model.moe_layers(), dist.group.WORLD, overlap=overlap)
     ids = batch(rank, model.config.vocab_size)
     result = model(ids, labels=ids)
     result.loss.backward()

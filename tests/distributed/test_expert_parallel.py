@@ -24,12 +24,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(world: int, out: Path, timeout: float = 120) -> list[dict]:
+def run_ranks(world: int, out: Path, overlap: bool, timeout: float = 120) -> list[dict]:
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'src'}", OMP_NUM_THREADS="1")
     port = str(free_port())
-    procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "distributed" / "ep_worker.py"), str(rank),
-                               str(world), port, str(out)], env=env, stderr=subprocess.PIPE, text=True)
-             for rank in range(world)]  # fmt: skip
+    worker = str(REPO / "tests" / "distributed" / "ep_worker.py")
+    args = [str(world), port, str(out), str(int(overlap))]
+    procs = [
+        subprocess.Popen([sys.executable, worker, str(rank), *args], env=env, stderr=subprocess.PIPE, text=True)
+        for rank in range(world)
+    ]
     errors = []
     try:
         for rank, proc in enumerate(procs):
@@ -43,9 +46,10 @@ def run_ranks(world: int, out: Path, timeout: float = 120) -> list[dict]:
     return [torch.load(out / f"rank{rank}.pt") for rank in range(world)]
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_expert_parallel_equals_one_process(world: int, tmp_path) -> None:
-    results = run_ranks(world, tmp_path)
+@pytest.mark.parametrize(("world", "overlap"), [(2, True), (2, False), (4, True)])
+def test_expert_parallel_equals_one_process(world: int, overlap: bool, tmp_path) -> None:
+    """With the overlap, in two token chunks whose exchanges interleave; without, in sequence."""
+    results = run_ranks(world, tmp_path, overlap)
     reference = build()
     per_rank_grads = []
     for rank, result in enumerate(results):

@@ -178,3 +178,25 @@ def test_router_stays_float32_through_bfloat16_and_autocast() -> None:
         cast = moe.router(x)
     assert cast.probs.dtype == torch.float32
     torch.testing.assert_close(cast.probs, plain.probs)
+
+
+def test_fixed_path_takes_the_sorted_dispatch_at_any_size(monkeypatch) -> None:
+    """fixed_path (expert parallelism's received rows): small inputs skip the static decode paths and
+    still match the loop reference; no rows at all still give a result tied to the rows and weights."""
+    moe = _moe(0)
+    experts = moe.experts
+    x = torch.randn(3, moe.router.classifier.weight.shape[1], requires_grad=True)
+    indices = torch.tensor([[0], [2], [0]])
+    weights = torch.rand(3, 1)
+
+    def refuse(*args):  # noqa: ANN002, ANN202
+        raise AssertionError("a static decode path ran")
+
+    monkeypatch.setattr(experts, "forward_all_experts", refuse)
+    monkeypatch.setattr(experts, "forward_gathered", refuse)
+    fast = experts(x, indices, weights, fixed_path=True)
+    torch.testing.assert_close(fast, experts_reference(experts, x, indices, weights), rtol=1e-5, atol=1e-6)
+    empty = experts(x[:0], indices[:0], weights[:0], fixed_path=True)
+    assert empty.shape == (0, x.shape[1]) and empty.grad_fn is not None
+    empty.sum().backward()
+    assert experts.gate_up_proj.grad is not None and torch.count_nonzero(experts.gate_up_proj.grad) == 0

@@ -182,7 +182,7 @@ class AllToAllTokenDispatcher:
     def compute(self, experts: Experts, state: _InFlight) -> _InFlight:
         sent = _WaitExchange.apply(state.sent, state.there) if self.overlap else state.sent
         rows, gate = sent.split((state.width, 1), dim=-1)  # [R, H], [R, 1]
-        y = experts(rows, state.local_expert.unsqueeze(-1), gate)  # [R, H]
+        y = experts(rows, state.local_expert.unsqueeze(-1), gate, fixed_path=True)  # [R, H], one graph for any R
         state.back = Exchange(state.there.out_splits, state.there.in_splits, self.group, self.timer)
         state.results = self._exchange(y, state.back)
         state.sent = None

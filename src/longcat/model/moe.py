@@ -176,14 +176,26 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, self.width))
 
     def forward(
-        self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, static_shapes: bool | None = None
+        self,
+        x: torch.Tensor,
+        indices: torch.Tensor,
+        weights: torch.Tensor,
+        static_shapes: bool | None = None,
+        fixed_path: bool = False,
     ) -> torch.Tensor:
-        """x [T, H], indices [T, K], weights [T, K] -> sum over FFN slots of gate * expert(x), [T, H]."""
+        """x [T, H], indices [T, K], weights [T, K] -> sum over FFN slots of gate * expert(x), [T, H].
+        fixed_path: the sorted dispatch whatever T (no small-T paths), so the autograd graph has the same
+        structure for any number of rows: ranks that receive different numbers of rows must still run
+        their backward collectives in the same order (distributed/expert_parallel.py)."""
         T, K = indices.shape
         N = self.num_experts
         if T == 0:
+            if fixed_path:  # still connected to the rows and the weights, so their backward runs as elsewhere
+                return x * 0 + 0 * (self.gate_up_proj.sum() + self.down_proj.sum())
             return torch.zeros_like(x)
-        if T * K <= tuning.GATHER_SLOTS or torch.compiler.is_compiling():  # thresholds: see tuning.py
+        if not fixed_path and (
+            T * K <= tuning.GATHER_SLOTS or torch.compiler.is_compiling()
+        ):  # thresholds: see tuning.py
             if 3 * T * K >= N and T <= tuning.ALL_EXPERTS_TOKENS:
                 return self.forward_all_experts(x, indices, weights)
             return self.forward_gathered(x, indices, weights)
