@@ -197,12 +197,9 @@ def test_resume_at_another_world_size_follows_the_uninterrupted_run(small_data, 
     assert (run / "final" / "model.safetensors").is_file()
 
 
-def test_kill_9_of_a_worker_then_resume_equals_the_uninterrupted_run(small_data, tmp_path) -> None:
-    args = ["train", "--nproc", "2", "--ep", "2", *COMMON, "--max-steps", "12", "--deterministic", "--data",
-            str(small_data)]  # fmt: skip
-    done = longcat([*args, "--out", str(tmp_path / "ref")])
-    assert done.returncode == 0, done.stderr[-8000:]
-    run = tmp_path / "run"
+def _kill_a_worker_after_checkpoint(args: list[str], run: Path, which: int) -> tuple[int, str]:
+    """Start the job, SIGKILL one of its workers once checkpoint step_4 exists; the job's exit code and
+    stderr."""
     launcher = start_job([*args, "--save-every", "4", "--out", str(run)])
     try:
         deadline = time.time() + 120
@@ -210,30 +207,29 @@ def test_kill_9_of_a_worker_then_resume_equals_the_uninterrupted_run(small_data,
             assert launcher.poll() is None and time.time() < deadline, "no checkpoint"
             time.sleep(0.01)
         workers = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
-        os.kill(int(workers[0]), signal.SIGKILL)
-        launcher.communicate(timeout=120)
+        os.kill(int(workers[which]), signal.SIGKILL)
+        _, err = launcher.communicate(timeout=180)
     finally:
         stop_job(launcher)
-    assert launcher.returncode != 0 and not (run / "final").exists()
+    return launcher.returncode, err
+
+
+def test_kill_9_of_a_worker_then_resume_equals_the_uninterrupted_run(small_data, tmp_path) -> None:
+    args = ["train", "--nproc", "2", "--ep", "2", *COMMON, "--max-steps", "12", "--deterministic", "--data",
+            str(small_data)]  # fmt: skip
+    done = longcat([*args, "--out", str(tmp_path / "ref")])
+    assert done.returncode == 0, done.stderr[-8000:]
+    run = tmp_path / "run"
+    code, _ = _kill_a_worker_after_checkpoint(args, run, which=0)
+    assert code != 0 and not (run / "final").exists()
     done = longcat(["train", "--nproc", "2", "--ep", "2", "--out", str(run), "--resume", "--quiet"])
     assert done.returncode == 0, done.stderr[-8000:]
     assert "another environment" not in done.stderr
     assert final_hash(run) == final_hash(tmp_path / "ref")
     # with --max-restarts the launcher restarts the workers, which resume by themselves
-    run = tmp_path / "restarted"
-    launcher = start_job([*args, "--save-every", "4", "--max-restarts", "1", "--out", str(run)])
-    try:
-        deadline = time.time() + 120
-        while not (run / "checkpoints" / "step_4").exists():
-            assert launcher.poll() is None and time.time() < deadline, "no checkpoint"
-            time.sleep(0.01)
-        workers = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
-        os.kill(int(workers[-1]), signal.SIGKILL)
-        _, err = launcher.communicate(timeout=180)
-    finally:
-        stop_job(launcher)
-    assert launcher.returncode == 0, err[-8000:]
-    assert final_hash(run) == final_hash(tmp_path / "ref")
+    code, err = _kill_a_worker_after_checkpoint([*args, "--max-restarts", "1"], tmp_path / "restarted", which=-1)
+    assert code == 0, err[-8000:]
+    assert final_hash(tmp_path / "restarted") == final_hash(tmp_path / "ref")
 
 
 def test_export_turns_a_step_checkpoint_into_a_hugging_face_directory(small_data, tmp_path) -> None:
