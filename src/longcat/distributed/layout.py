@@ -67,7 +67,15 @@ def init_layout(ep: int, device_type: str) -> Layout:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=TIMEOUT)
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        # the launcher's store outlives a restart of the workers (--max-restarts): keys under a prefix of
+        # this attempt, so a restarted rank never reads the address a dead rank published
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        hosted = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun's agent serves the store
+        client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                               is_master=not hosted and rank == 0, timeout=TIMEOUT)  # fmt: skip
+        store = dist.PrefixStore(f"longcat/attempt_{attempt}", client)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=TIMEOUT)
     dp_mesh = init_device_mesh(device_type, (world,), mesh_dim_names=("dp",))
     expert_mesh = init_device_mesh(device_type, (world // ep, ep), mesh_dim_names=("efsdp", "ep"))
     return Layout(rank, world, local_rank, ep, device, dp_mesh, expert_mesh)
