@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.tensor import DTensor
 
+from .collectives import local
 from .layout import Layout
 
 _EXPERTS = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
@@ -47,9 +47,9 @@ def _pieces(name: str, tensor: torch.Tensor, num_experts: int, layout: Layout | 
     match = _EXPERTS.match(name)
     if match is None:
         return {name: tensor}
-    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor  # [experts here, ...]
+    shard = local(tensor)  # [experts here, ...]
     first = _first_expert(num_experts, layout)
-    return {f"{match.group(1)}.{first + j}.{match.group(2)}": local[j] for j in range(local.shape[0])}
+    return {f"{match.group(1)}.{first + j}.{match.group(2)}": shard[j] for j in range(shard.shape[0])}
 
 
 def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:

@@ -47,6 +47,11 @@ def all_true(flag: torch.Tensor) -> bool:
     return bool(value.item() > 0)
 
 
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded parameter or gradient; a plain tensor as it is (no collective)."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def full(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor behind a sharded parameter or gradient (a collective: every rank must call it
     for the same tensors in the same order); a plain tensor as it is."""

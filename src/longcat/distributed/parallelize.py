@@ -18,6 +18,7 @@ from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from .collectives import local
 from .expert_parallel import CommTimer, apply_expert_parallel
 from .layout import Layout
 
@@ -43,17 +44,13 @@ def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for moe in model.moe_layers() for p in moe.experts.parameters()]
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 @torch.no_grad()
 def finish_gradients(model: nn.Module, layout: Layout) -> None:
     """Expert gradients from E times the mean to the mean (see the module docstring)."""
     if layout.ep > 1:
         for p in expert_parameters(model):
             if p.grad is not None:
-                _local(p.grad).mul_(1.0 / layout.ep)
+                local(p.grad).mul_(1.0 / layout.ep)
 
 
 def gather_full_model(model: nn.Module, layout: Layout, model_class: type) -> nn.Module | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from ..distributed import collectives
 from .config import TrainConfig
@@ -86,7 +85,7 @@ def clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float) -> tor
     ranks, expert shards over N/E x E), so one process and N give the same value. (PyTorch's
     clip_grad_norm_ takes per-tensor norms whose CPU kernel is off by up to 2e-4 relative on a
     [4096, 128] gradient here, and cannot combine DTensors of two meshes.)"""
-    grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in parameters if p.grad is not None]
+    grads = [collectives.local(p.grad) for p in parameters if p.grad is not None]
     if not grads:
         return torch.zeros(())
     squares = torch.stack([g.float().pow(2).sum() for g in grads]).sum()

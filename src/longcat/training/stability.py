@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
 
-from ..distributed.collectives import full, sum_
+from ..distributed.collectives import full, local, sum_
 from ..model.lm import LongcatForCausalLM
 
 
@@ -48,9 +47,9 @@ def small_gradient_share(model: torch.nn.Module, eps: float) -> float:
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return 0.0
-    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    shards = [local(g) for g in grads]
     stats = torch.stack([torch.stack([g.float().pow(2).sum(), torch.tensor(float(g.numel()), device=g.device)])
-                         for g in local])  # fmt: skip  # [P, 2]
+                         for g in shards])  # fmt: skip  # [P, 2]
     sum_(stats)
     rms = (stats[:, 0] / stats[:, 1].clamp(min=1)).sqrt()
     return float((rms < 10 * eps).float().mean())
