@@ -52,7 +52,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):  # noqa: ANN201 - to
 
 
 def write_tokenizer_config(out: Path, max_length: int) -> None:
-    """What transformers' AutoTokenizer needs beside tokenizer.json."""
+    """What transformers' AutoTokenizer needs beside tokenizer.json, and LongCat's chat template."""
+    from ..inference.chat_template import LONGCAT_CHAT_TEMPLATE
+
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": SPECIAL_TOKENS[1],
@@ -60,8 +62,24 @@ def write_tokenizer_config(out: Path, max_length: int) -> None:
         "pad_token": SPECIAL_TOKENS[0],
         "model_max_length": max_length,
         "clean_up_tokenization_spaces": False,
+        "chat_template": LONGCAT_CHAT_TEMPLATE,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def copy_tokenizer(files: list[Path], directory: Path) -> None:
+    """Copy files into a checkpoint directory; a tokenizer_config.json without a chat template
+    (data prepared before templates were written) gets LongCat's, so every checkpoint renders chats
+    and tools alike in our server and in transformers."""
+    from ..inference.chat_template import LONGCAT_CHAT_TEMPLATE
+
+    for file in files:
+        if file.name != "tokenizer_config.json":
+            shutil.copy2(file, directory / file.name)
+            continue
+        config = json.loads(file.read_text())
+        config.setdefault("chat_template", LONGCAT_CHAT_TEMPLATE)
+        (directory / file.name).write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _split_key(doc: Document, repeated_title: bool) -> float:

@@ -1,9 +1,8 @@
-"""Prompt formatting and the checkpoint's tokenizer.
+"""The checkpoint's tokenizer and chat template.
 
-LongCat's chat format (tokenizer_config.json of LongCat-Flash-Chat): an optional `SYSTEM:{system} `
-prefix, then rounds `[Round i] USER:{query} ASSISTANT:{answer}</longcat_s>` numbered from 0; the
-prompt for a new answer ends with `ASSISTANT:`. A checkpoint whose tokenizer_config.json carries its
-own `chat_template` is rendered with that template instead (needs jinja2, which transformers brings).
+A checkpoint whose tokenizer_config.json (or chat_template.jinja) carries a `chat_template` is rendered
+with it, in the environment transformers renders templates in; one without is rendered in LongCat's
+format (chat_template.py), with the same template when jinja2 is installed.
 """
 
 from __future__ import annotations
@@ -13,27 +12,10 @@ import os
 from pathlib import Path
 
 from ..checkpoint import CheckpointError
+from .chat_template import END_OF_TURN, LONGCAT_CHAT_TEMPLATE, longcat_chat_prompt
 from .generate import GenerationError
 
-END_OF_TURN = "</longcat_s>"
-
-
-def longcat_chat_prompt(messages: list[dict[str, str]]) -> str:
-    """messages: [{"role": "system" | "user" | "assistant", "content": ...}, ...] ending with a user turn."""
-    system = "".join(f"SYSTEM:{m['content']} " for m in messages if m["role"] == "system")
-    turns = [m for m in messages if m["role"] != "system"]
-    if not turns or turns[-1]["role"] != "user":
-        raise ValueError("a chat prompt must end with a user message")
-    out, round_index = [system], 0
-    for message in turns:
-        if message["role"] == "user":
-            out.append(f"[Round {round_index}] USER:{message['content']} ASSISTANT:")
-            round_index += 1
-        elif message["role"] == "assistant":
-            out.append(f"{message['content']}{END_OF_TURN}")
-        else:
-            raise ValueError(f"unknown chat role {message['role']!r}; use system, user or assistant")
-    return "".join(out)
+__all__ = ["END_OF_TURN", "CheckpointTokenizer", "longcat_chat_prompt"]
 
 
 class CheckpointTokenizer:
@@ -68,14 +50,19 @@ class CheckpointTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def chat(self, messages: list[dict[str, str]], tools: list[dict] | None = None) -> str:
+    def chat(self, messages: list[dict], tools: list[dict] | None = None, tool_choice: str = "auto") -> str:
+        """The prompt for the assistant's next answer to `messages` (OpenAI-style dicts)."""
         if self.chat_template:
-            return self._render(messages, tools)
-        if tools:
-            raise GenerationError("tools need a checkpoint whose chat template renders them; this one has none")
-        return longcat_chat_prompt(messages)
+            return self._render(self.chat_template, messages, tools, tool_choice)
+        try:
+            return self._render(LONGCAT_CHAT_TEMPLATE, messages, tools, tool_choice)
+        except CheckpointError:  # no jinja2: the same format in Python
+            try:
+                return longcat_chat_prompt(messages, tools, tool_choice)
+            except (KeyError, ValueError) as err:
+                raise GenerationError(f"cannot render the conversation: {err}") from err
 
-    def _render(self, messages: list[dict[str, str]], tools: list[dict] | None) -> str:
+    def _render(self, template: str, messages: list[dict], tools: list[dict] | None, tool_choice: str) -> str:
         """The template in the environment transformers renders chat templates in: sandboxed, the same
         whitespace rules, loop controls, `raise_exception`, `strftime_now` and a `tojson` filter."""
         try:
@@ -99,9 +86,15 @@ class CheckpointTokenizer:
         environment.filters["tojson"] = tojson
         environment.globals["raise_exception"] = raise_exception
         environment.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-        template = environment.from_string(self.chat_template)
         tokens = {"bos_token": "", "eos_token": "", **self.special_tokens}
-        return template.render(messages=messages, tools=tools, add_generation_prompt=True, **tokens)
+        try:
+            return environment.from_string(template).render(
+                messages=messages, tools=tools, tool_choice=tool_choice, add_generation_prompt=True, **tokens
+            )
+        except GenerationError:
+            raise
+        except Exception as err:  # a template error names what the conversation lacks
+            raise GenerationError(f"the chat template cannot render this conversation: {err}") from err
 
 
 def _pick_template(value: object) -> str | None:

@@ -79,17 +79,15 @@ class MLA(nn.Module):
 
         Without a cache, or when a cache is empty (prefill), the naive path: keys and values expanded
         from the latent of these T tokens. With cached tokens before `start`, the absorbed path over all
-        S = start + T cached latents. Either way the new latents are written to the cache first."""
+        S = start + T cached latents. Either way the new latents are written to the cache first: the
+        cache's `update` writes them and returns the keys to attend over, or None when these T tokens
+        are all there is (kv_cache.py: LatentCache for one generation, SlotRows for a serving batch)."""
         q_nope, q_rope = self.query(x, cos, sin)
         latent, k_rope = self.latent(x, cos, sin)
-        if cache is not None and isinstance(start, torch.Tensor):  # compiled decode: static shapes
-            cache.write_at(sublayer, start, latent, k_rope)
-            return self.absorbed(q_nope, q_rope, cache.latent[sublayer], cache.k_rope[sublayer], attn_mask)
         if cache is not None:
-            cache.write(sublayer, start, latent, k_rope)
-            if start > 0:
-                cached_latent, cached_rope = cache.read(sublayer, start + x.shape[1])
-                return self.absorbed(q_nope, q_rope, cached_latent, cached_rope, attn_mask)
+            keys = cache.update(sublayer, start, latent, k_rope)
+            if keys is not None:
+                return self.absorbed(q_nope, q_rope, *keys, attn_mask)
         return self.naive(q_nope, q_rope, latent, k_rope, attn_mask)
 
     def naive(

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import fsync_file
+from ..data.prepare import copy_tokenizer
 
 STATE_FILE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -91,8 +92,7 @@ def finish_checkpoint(directory: Path, trainer_state: dict, config, extra_files:
     tmp = checkpoint_tmp(directory)
     old = directory.with_name(f".{directory.name}.old")
     config.to_json_file(tmp / "config.json")
-    for file in extra_files:
-        shutil.copy2(file, tmp / file.name)
+    copy_tokenizer(extra_files, tmp)
     torch.save(trainer_state, tmp / STATE_FILE)
     for path in (*tmp.iterdir(), *(tmp / SHARDS_DIR).iterdir()):
         fsync_file(path)
@@ -228,9 +228,8 @@ def export_checkpoint(source: Path, out: Path, zero_expert_stubs: bool = True) -
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, zero_expert_stubs=zero_expert_stubs)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        if (directory / name).is_file():
-            shutil.copy2(directory / name, tmp / name)
+    names = ("tokenizer.json", "tokenizer_config.json")
+    copy_tokenizer([directory / name for name in names if (directory / name).is_file()], tmp)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..config import LongcatConfig
 from ..data.loader import Batch, PackedLoader, TokenStream, sequential_batches
-from ..data.prepare import load_meta, prepare
+from ..data.prepare import copy_tokenizer, load_meta, prepare
 from ..distributed import collectives
 from ..distributed.checkpoint import checkpoint_state, init_optimizer_state
 from ..distributed.checkpoint import load as dcp_load
@@ -506,8 +506,7 @@ class Trainer:
         tmp = self.out / ".final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, zero_expert_stubs=self.cfg.export_zero_expert_stubs)
-        for file in self.tokenizer_files:
-            shutil.copy2(file, tmp / file.name)
+        copy_tokenizer(self.tokenizer_files, tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

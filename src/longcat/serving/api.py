@@ -1,0 +1,350 @@
+"""The OpenAI-compatible HTTP layer: FastAPI routes over the engine, nothing more.
+
+Each request is rendered to token ids (chat template, tokenizer), checked, and handed to the engine,
+whose outputs come back through an asyncio queue; responses and stream chunks take OpenAI's shapes.
+Every error is `{"error": {"message", "type", "param", "code"}}` with OpenAI's status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from ..inference.generate import GenerationError
+from .batch import Choice
+from .engine import Engine, EngineError, Output, QueueFull
+from .engine import Request as EngineRequest
+from .metrics import Metrics
+from .protocol import ChatCompletionRequest, CompletionRequest, RequestError
+from .tool_calls import ToolCallStream
+
+DISCONNECT_POLL_S = 0.5
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   kind: str | None = None, headers: dict | None = None) -> JSONResponse:  # fmt: skip
+    kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class ServerState:
+    def __init__(self, engine: Engine, tokenizer, model_name: str, metrics: Metrics, api_key: str | None) -> None:  # noqa: ANN001
+        self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
+        self.metrics, self.api_key = metrics, api_key
+        self.draining = False
+        self.created = int(time.time())
+
+
+class Submission:
+    """One engine request seen from the event loop: outputs arrive on an asyncio queue."""
+
+    def __init__(self, state: ServerState, prompt: list[int], params) -> None:  # noqa: ANN001
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[Output] = asyncio.Queue()
+        self.state = state
+        self.request: EngineRequest = state.engine.submit(prompt, params, self._sink)
+        self.done = False
+
+    def _sink(self, out: Output) -> None:  # the engine thread
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
+
+    async def outputs(self, client: Request | None = None) -> AsyncIterator[Output]:
+        while not self.done:
+            try:
+                out = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                if client is not None and await client.is_disconnected():
+                    self.cancel()
+                    return
+                continue
+            self.done = out.finish_reason is not None
+            yield out
+
+    def cancel(self) -> None:
+        if not self.done:
+            self.state.engine.cancel(self.request)
+            self.done = True
+
+
+def token_text(tokenizer, token: int) -> str:  # noqa: ANN001
+    return tokenizer.decode([token])
+
+
+def usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def chat_logprobs(tokenizer, choices: list[Choice]) -> dict:  # noqa: ANN001
+    def entry(token: int, logprob: float) -> dict:
+        text = token_text(tokenizer, token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {"content": [{**entry(c.token, c.logprob), "top_logprobs": [entry(t, lp) for t, lp in c.top or []]}
+                        for c in choices]}  # fmt: skip
+
+
+def completion_logprobs(tokenizer, choices: list[Choice | None], offset: int) -> dict:  # noqa: ANN001
+    """OpenAI's legacy form; a None entry is the prompt's first token (no log-probability)."""
+    tokens, values, tops, offsets = [], [], [], []
+    for choice in choices:
+        text = token_text(tokenizer, choice.token)
+        tokens.append(text)
+        offsets.append(offset)
+        offset += len(text)
+        values.append(choice.logprob)
+        tops.append(None if choice.top is None else {token_text(tokenizer, t): lp for t, lp in choice.top})
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def create_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="longcat", docs_url=None, redoc_url=None)
+    app.state.longcat = state
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0] if err.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        if first.get("type") == "json_invalid":
+            return error_response(400, f"the request body is not valid JSON: {first.get('msg')}", code="invalid_json")
+        message = f"{where or 'body'}: {first.get('msg', 'invalid value')}"
+        return error_response(400, message, param=where or None, code="invalid_value")
+
+    @app.exception_handler(RequestError)
+    async def refused(_: Request, err: RequestError) -> JSONResponse:
+        return error_response(err.status, str(err), err.param, err.code)
+
+    @app.middleware("http")
+    async def gate(request: Request, call_next):  # noqa: ANN001, ANN202
+        if request.url.path.startswith("/v1"):
+            if state.api_key is not None:
+                given = request.headers.get("authorization", "")
+                if given != f"Bearer {state.api_key}":
+                    return error_response(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                                          code="invalid_api_key")  # fmt: skip
+            if state.draining:
+                return error_response(503, "the server is shutting down", code="server_shutting_down",
+                                      headers={"Retry-After": "5"})  # fmt: skip
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if state.draining:
+            return error_response(503, "the server is shutting down", code="server_shutting_down")
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        card = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "longcat",
+                "max_model_len": state.engine.context}  # fmt: skip
+        return JSONResponse({"object": "list", "data": [card]})
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, client: Request) -> Response:
+        body.check()
+        check_model(state, body.model)
+        messages = [m.for_template(i) for i, m in enumerate(body.messages)]
+        tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+        try:
+            text = state.tokenizer.chat(messages, tools, body.tool_choice or "auto")
+        except GenerationError as err:
+            raise RequestError(str(err), param="messages") from err
+        prompt = state.tokenizer.encode(text)
+        params = body.engine_params(body.limit(), state.engine.context - len(prompt))
+        if body.logprobs:
+            params.logprobs = body.top_logprobs or 0
+        submission = submit(state, prompt, params)
+        if body.stream:
+            return sse(chat_stream(state, body, submission))
+        return await chat_whole(state, body, submission, client)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, client: Request) -> Response:
+        body.check()
+        check_model(state, body.model)
+        prompts = [p if isinstance(p, list) else state.tokenizer.encode(p) for p in body.prompts()]
+        if body.stream and len(prompts) > 1:
+            raise RequestError("stream = true takes one prompt per request", param="prompt")
+        submissions = []
+        try:
+            for ids in prompts:
+                params = body.engine_params(body.max_tokens, state.engine.context - len(ids))
+                params.logprobs = body.logprobs
+                if body.echo and body.logprobs is not None:
+                    params.prompt_logprobs = body.logprobs
+                submissions.append(submit(state, ids, params))
+        except Exception:
+            for submission in submissions:
+                submission.cancel()
+            raise
+        if body.stream:
+            return sse(completion_stream(state, body, submissions[0]))
+        return await completion_whole(state, body, submissions, client)
+
+    return app
+
+
+def check_model(state: ServerState, model: str | None) -> None:
+    if model is not None and model != state.model_name:
+        raise RequestError(f"The model '{model}' does not exist; this server serves '{state.model_name}'",
+                           param="model", code="model_not_found", status=404)  # fmt: skip
+
+
+def submit(state: ServerState, prompt: list[int], params) -> Submission:  # noqa: ANN001
+    try:
+        return Submission(state, prompt, params)
+    except EngineError as err:
+        raise RequestError(str(err), param=err.param, code=err.code) from err
+    except QueueFull as err:
+        raise RequestError(f"the server is busy ({err}); retry later", code="server_busy", status=503) from err
+
+
+def sse(chunks: AsyncIterator[dict | str]) -> StreamingResponse:
+    async def lines() -> AsyncIterator[str]:
+        async for chunk in chunks:
+            yield f"data: {chunk if isinstance(chunk, str) else json.dumps(chunk, ensure_ascii=False)}\n\n"
+
+    return StreamingResponse(lines(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def failure(out: Output) -> dict:
+    return {"error": {"message": f"generation failed: {out.error}", "type": "server_error", "param": None,
+                      "code": "generation_failed"}}  # fmt: skip
+
+
+async def chat_stream(state: ServerState, body: ChatCompletionRequest, submission: Submission) -> AsyncIterator:
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
+            "model": state.model_name}  # fmt: skip
+
+    def chunk(delta: dict, finish: str | None = None, logprobs: dict | None = None) -> dict:
+        return {**head, "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+
+    tools = ToolCallStream() if body.uses_tools else None
+    calls = 0
+    last: Output | None = None
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        async for out in submission.outputs():
+            last = out
+            if out.finish_reason == "error":
+                yield failure(out)
+                break
+            text, new_calls = tools.push(out.text) if tools else (out.text, [])
+            if out.finish_reason is not None and tools:
+                more, _ = tools.finish()
+                text += more
+            logprobs = chat_logprobs(state.tokenizer, out.logprobs) if out.logprobs else None
+            if text or logprobs:
+                yield chunk({"content": text}, logprobs=logprobs)
+            for call in new_calls:
+                yield chunk({"tool_calls": [call.to_openai(calls)]})
+                calls += 1
+            if out.finish_reason is not None:
+                reason = "tool_calls" if calls and out.finish_reason == "stop" else out.finish_reason
+                yield chunk({}, reason)
+        if last is not None and body.stream_options and body.stream_options.include_usage:
+            yield {**head, "choices": [], "usage": usage(last.prompt_tokens, last.completion_tokens)}
+        yield "[DONE]"
+    finally:
+        submission.cancel()  # a client gone mid-stream: the engine frees its slot at the next step
+
+
+async def chat_whole(state: ServerState, body: ChatCompletionRequest, submission: Submission,
+                     client: Request) -> Response:  # fmt: skip
+    text, logprobs, last = [], [], None
+    async for out in submission.outputs(client):
+        text.append(out.text)
+        logprobs.extend(out.logprobs)
+        last = out
+    if last is None:  # the client went away
+        return Response(status_code=499)
+    if last.finish_reason == "error":
+        return JSONResponse(failure(last), status_code=500)
+    content, calls = "".join(text), []
+    if body.uses_tools:
+        from .tool_calls import parse_tool_calls
+
+        content, calls = parse_tool_calls(content)
+    message = {"role": "assistant", "content": content if content or not calls else None}
+    if calls:
+        message["tool_calls"] = [call.to_openai() for call in calls]
+    reason = "tool_calls" if calls and last.finish_reason == "stop" else last.finish_reason
+    choice = {"index": 0, "message": message, "logprobs": chat_logprobs(state.tokenizer, logprobs)
+              if body.logprobs else None, "finish_reason": reason}  # fmt: skip
+    return JSONResponse({"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
+                         "created": int(time.time()), "model": state.model_name, "choices": [choice],
+                         "usage": usage(last.prompt_tokens, last.completion_tokens)})  # fmt: skip
+
+
+def echo_prefix(state: ServerState, submission: Submission, first: Output, logprobs: bool) -> tuple[str, list]:
+    """The prompt's text and, with logprobs, its tokens' entries (the first has no log-probability)."""
+    prompt = submission.request.prompt
+    text = state.tokenizer.decode(prompt)
+    if not logprobs:
+        return text, []
+    entries = [Choice(prompt[0], None, None), *(first.prompt_logprobs or [])]
+    return text, entries
+
+
+async def completion_stream(state: ServerState, body: CompletionRequest, submission: Submission) -> AsyncIterator:
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": state.model_name}  # fmt: skip
+    offset, first, last = 0, True, None
+    try:
+        async for out in submission.outputs():
+            last = out
+            if out.finish_reason == "error":
+                yield failure(out)
+                break
+            text, entries = out.text, list(out.logprobs)
+            if first and body.echo:
+                prefix, prompt_entries = echo_prefix(state, submission, out, body.logprobs is not None)
+                text, entries = prefix + text, prompt_entries + entries
+            first = False
+            logprobs = completion_logprobs(state.tokenizer, entries, offset) if body.logprobs is not None else None
+            offset += len(text)
+            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason}
+            yield {**head, "choices": [choice]}
+        if last is not None and body.stream_options and body.stream_options.include_usage:
+            yield {**head, "choices": [], "usage": usage(last.prompt_tokens, last.completion_tokens)}
+        yield "[DONE]"
+    finally:
+        submission.cancel()
+
+
+async def completion_whole(state: ServerState, body: CompletionRequest, submissions: list[Submission],
+                           client: Request) -> Response:  # fmt: skip
+    choices, prompt_tokens, completion_tokens = [], 0, 0
+    try:
+        for index, submission in enumerate(submissions):
+            outs = [out async for out in submission.outputs(client)]
+            if not outs:
+                return Response(status_code=499)
+            last = outs[-1]
+            if last.finish_reason == "error":
+                return JSONResponse(failure(last), status_code=500)
+            text, entries = "".join(o.text for o in outs), [c for o in outs for c in o.logprobs]
+            if body.echo:
+                prefix, prompt_entries = echo_prefix(state, submission, outs[0], body.logprobs is not None)
+                text, entries = prefix + text, prompt_entries + entries
+            logprobs = completion_logprobs(state.tokenizer, entries, 0) if body.logprobs is not None else None
+            choices.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": last.finish_reason})
+            prompt_tokens += last.prompt_tokens
+            completion_tokens += last.completion_tokens
+    finally:
+        for submission in submissions:
+            submission.cancel()
+    return JSONResponse({"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                         "model": state.model_name, "choices": choices,
+                         "usage": usage(prompt_tokens, completion_tokens)})  # fmt: skip
