@@ -6,22 +6,8 @@ import pytest
 from tests.conftest import tiny_train_config
 
 from longcat.cli import main
-from longcat.inference.chat import CheckpointTokenizer, longcat_chat_prompt
+from longcat.inference.chat import CheckpointTokenizer
 from longcat.training.trainer import train
-
-
-def test_longcat_chat_format() -> None:
-    messages = [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Hello"},
-        {"role": "user", "content": "Bye?"},
-    ]
-    assert longcat_chat_prompt(messages) == (
-        "SYSTEM:Be brief. [Round 0] USER:Hi ASSISTANT:Hello</longcat_s>[Round 1] USER:Bye? ASSISTANT:"
-    )
-    with pytest.raises(ValueError, match="end with a user"):
-        longcat_chat_prompt(messages[:3])
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +41,7 @@ def test_generate_cli_plain_chat_stream_speculative(trained, capsys) -> None:
             "--max-new-tokens", "4"]  # fmt: skip
     assert main([*chat, "--stats"]) == 0
     captured = capsys.readouterr()
-    prompt = "SYSTEM:Be brief. [Round 0] USER:Hi ASSISTANT:"  # the LongCat format: the checkpoint has no template
+    prompt = "SYSTEM:Be brief. [Round 0] USER:Hi ASSISTANT:"  # the LongCat format, the template training writes
     assert captured.out == _library(trained, prompt, max_new_tokens=4, do_sample=True, seed=1) + "\n"
     # a model trained 3 steps samples nearly the same from any prompt, so check the prompt it was given
     prompt_tokens = len(CheckpointTokenizer(trained).encode(prompt))

@@ -52,7 +52,7 @@ LONGCAT_CHAT_TEMPLATE = (
     "{{- ' ASSISTANT:' ~ (message.content or '') -}}\n"
     "{%- for call in message.tool_calls or [] -%}\n"
     "{%- set arguments = call.function.arguments -%}\n"
-    "{{- '<longcat_tool_call>\\n{\"name\": \"' ~ call.function.name ~ '\", \"arguments\": '"
+    '{{- \'<longcat_tool_call>\\n{"name": "\' ~ call.function.name ~ \'", "arguments": \''
     " ~ (arguments if arguments is string else arguments | tojson) ~ '}\\n</longcat_tool_call>' -}}\n"
     "{%- endfor -%}\n"
     "{{- '" + END_OF_TURN + "' -}}\n"
@@ -110,7 +110,7 @@ def longcat_chat_prompt(
         elif role == "tool":
             content = json.dumps(message["content"], ensure_ascii=False)
             name = f'"name": {json.dumps(message["name"], ensure_ascii=False)}, ' if message.get("name") else ""
-            out.append(f" TOOL:{{{name}\"content\": {content}}}")
+            out.append(f' TOOL:{{{name}"content": {content}}}')
         else:
             raise ValueError(f"unknown chat role {role!r}; use system, user, assistant or tool")
     if generation_prompt:

@@ -1,0 +1,203 @@
+"""The serving engine without HTTP: continuous batching against one-request generation.
+
+Batch invariance is measured here, not assumed: greedy tokens of each request served among others
+(joining at different steps, prefilled in chunks, leaving at different lengths, with MTP speculation)
+must equal `generate` on that request alone. Rows never attend to each other, so only floating-point
+rounding of differently shaped products could change a token, and only at a near-tie of two logits;
+these models and prompts have none.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.conftest import perturb, random_tiny_config
+
+from longcat import LongcatForCausalLM
+from longcat.inference.sampling import SamplingParams
+from longcat.serving.engine import Engine, EngineError, QueueFull, RequestParams
+
+
+class IdTokens:
+    def decode(self, ids: list[int]) -> str:
+        return "".join(f"<{i}>" for i in ids)
+
+
+@pytest.fixture(scope="module", params=[3, 8])
+def model(request) -> LongcatForCausalLM:
+    torch.manual_seed(request.param)
+    model = LongcatForCausalLM(random_tiny_config(request.param, max_position_embeddings=160))
+    model.init_weights(torch.Generator().manual_seed(request.param))
+    perturb(model, request.param)
+    return model.eval()
+
+
+def _prompts(vocab: int, count: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 40, (count,), generator=g).tolist()
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def _serve(engine: Engine, prompts: list[list[int]], params: list[RequestParams], arrive: list[int] | None = None):
+    """Submit request i at engine step arrive[i]; run until all end. -> (tokens, finish reasons, outputs)."""
+    arrive = arrive or [0] * len(prompts)
+    outs: list[list] = [[] for _ in prompts]
+    step = 0
+    while True:
+        for i, at in enumerate(arrive):
+            if at == step:
+                engine.submit(prompts[i], params[i], outs[i].append)
+        if step > max(arrive) and all(o and o[-1].finish_reason for o in outs):
+            break
+        engine.step()
+        step += 1
+        assert step < 2000
+    tokens = [[t for o in out for t in o.token_ids] for out in outs]
+    return tokens, [out[-1].finish_reason for out in outs], outs
+
+
+def _reference(model: LongcatForCausalLM, prompt: list[int], n: int) -> list[int]:
+    return model.generate([prompt], max_new_tokens=n, eos_token_id=[])[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("speculative,draft_tokens,chunk", [(False, 1, 512), (False, 1, 16), (True, 1, 512),
+                                                            (True, 3, 16)])  # fmt: skip
+def test_greedy_in_a_changing_batch_equals_generate_alone(model, speculative, draft_tokens, chunk) -> None:
+    prompts = _prompts(model.config.vocab_size, 10)
+    lengths = [3 + (7 * i) % 17 for i in range(len(prompts))]
+    params = [RequestParams(max_tokens=n, ignore_eos=True) for n in lengths]
+    engine = Engine(model, IdTokens(), max_batch=6, speculative=speculative, num_draft_tokens=draft_tokens,
+                    prefill_chunk=chunk)  # fmt: skip
+    tokens, reasons, _ = _serve(engine, prompts, params, arrive=[0, 0, 0, 1, 2, 2, 5, 9, 9, 14])
+    for i, prompt in enumerate(prompts):
+        assert tokens[i] == _reference(model, prompt, lengths[i]), i
+    assert reasons == ["length"] * len(prompts)
+    assert not engine.running and not engine.prefilling and not engine.waiting
+
+
+def test_stop_rules_end_a_row_and_the_others_go_on(model) -> None:
+    prompts = _prompts(model.config.vocab_size, 3, seed=1)
+    ref = [_reference(model, p, 12) for p in prompts]
+    eos = ref[0][4]
+    model.config.eos_token_id = eos
+    try:
+        engine = Engine(model, IdTokens(), max_batch=4)
+        stop = f"<{ref[1][6]}>"
+        params = [RequestParams(max_tokens=12), RequestParams(max_tokens=12, stop=[stop], ignore_eos=True),
+                  RequestParams(max_tokens=12, ignore_eos=True)]  # fmt: skip
+        tokens, reasons, outs = _serve(engine, prompts, params)
+    finally:
+        model.config.eos_token_id = None
+    first_eos = ref[0].index(eos)
+    assert tokens[0] == ref[0][: first_eos + 1] and reasons[0] == "stop"
+    text = "".join(o.text for o in outs[1])
+    assert text == IdTokens().decode(ref[1])[: IdTokens().decode(ref[1]).index(stop)] and reasons[1] == "stop"
+    assert tokens[2] == ref[2] and reasons[2] == "length"
+    assert "".join(o.text for o in outs[0]) == IdTokens().decode(ref[0][:first_eos])  # the end token is not text
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_seeded_sampling_repeats_alone_and_among_others(model, speculative) -> None:
+    prompts = _prompts(model.config.vocab_size, 5, seed=2)
+    sampling = SamplingParams(do_sample=True, temperature=0.9, top_k=20, top_p=0.95)
+    params = [RequestParams(max_tokens=10, sampling=sampling, seed=100 + i, ignore_eos=True) for i in range(5)]
+    alone = [
+        _serve(Engine(model, IdTokens(), speculative=speculative), [p], [q])[0][0] for p, q in zip(prompts, params)
+    ]
+    again = _serve(Engine(model, IdTokens(), speculative=speculative), prompts[:1], params[:1])[0][0]
+    together = _serve(Engine(model, IdTokens(), speculative=speculative), prompts, params, arrive=[0, 1, 1, 3, 4])[0]
+    assert again == alone[0]
+    assert together == alone  # equal up to rounding at a sampling boundary, which these draws do not meet
+    assert len({tuple(a) for a in alone}) > 1
+
+
+def test_cancel_frees_the_slot_and_moved_rows_stay_correct(model) -> None:
+    prompts = _prompts(model.config.vocab_size, 4, seed=3)
+    engine = Engine(model, IdTokens(), max_batch=4)
+    outs = [[] for _ in prompts]
+    requests = [engine.submit(p, RequestParams(max_tokens=20, ignore_eos=True), outs[i].append)
+                for i, p in enumerate(prompts)]  # fmt: skip
+    for _ in range(4):
+        engine.step()
+    engine.cancel(requests[1])  # a middle slot: the last row moves into it
+    engine.step()
+    assert outs[1][-1].finish_reason == "abort"
+    assert len(engine.running) == 3 and [r.slot for r in engine.running] == [0, 1, 2]
+    while engine.running:
+        engine.step()
+    for i in (0, 2, 3):
+        assert [t for o in outs[i] for t in o.token_ids] == _reference(model, prompts[i], 20), i
+
+
+def test_a_failing_request_ends_alone(model) -> None:
+    prompts = _prompts(model.config.vocab_size, 3, seed=4)
+    engine = Engine(model, IdTokens(), max_batch=4)
+    outs = [[] for _ in prompts]
+    requests = [engine.submit(p, RequestParams(max_tokens=8, ignore_eos=True), outs[i].append)
+                for i, p in enumerate(prompts)]  # fmt: skip
+    engine.step()
+
+    def broken(ids: list[int]) -> str:
+        raise RuntimeError("detokenizer exploded")
+
+    requests[1].text.decode = broken
+    while engine.running or engine.prefilling:
+        engine.step()
+    assert outs[1][-1].finish_reason == "error" and "exploded" in outs[1][-1].error
+    for i in (0, 2):
+        assert outs[i][-1].finish_reason == "length"
+        assert [t for o in outs[i] for t in o.token_ids] == _reference(model, prompts[i], 8)
+
+
+def test_prompt_logprobs_match_the_full_forward(model) -> None:
+    prompt = _prompts(model.config.vocab_size, 1, seed=5)[0] + [1, 2, 3]
+    engine = Engine(model, IdTokens(), prefill_chunk=8)  # several chunks
+    params = RequestParams(max_tokens=2, ignore_eos=True, logprobs=2, prompt_logprobs=1)
+    _, _, outs = _serve(engine, [prompt], [params])
+    with torch.no_grad():
+        logprobs = model(torch.tensor([prompt])).logits[0].float().log_softmax(-1)
+    got = outs[0][0].prompt_logprobs
+    assert len(got) == len(prompt) - 1
+    for i, choice in enumerate(got):
+        assert choice.token == prompt[i + 1]
+        assert choice.logprob == pytest.approx(float(logprobs[i, prompt[i + 1]]), abs=1e-4)
+        assert choice.top[0][0] == int(logprobs[i].argmax())
+    first = outs[0][0].logprobs[0]
+    assert first.logprob == pytest.approx(float(logprobs[-1].max()), abs=1e-4) and len(first.top) == 2
+
+
+def test_bad_requests_and_a_full_queue_are_refused(model) -> None:
+    engine = Engine(model, IdTokens(), max_batch=1, max_queue=1)
+    context = model.config.max_position_embeddings
+    with pytest.raises(EngineError, match="empty"):
+        engine.submit([], RequestParams(max_tokens=1), print)
+    with pytest.raises(EngineError, match=r"160 tokens.*\(150 in the prompt, 11") as err:
+        engine.submit([1] * 150, RequestParams(max_tokens=11), print)
+    assert err.value.code == "context_length_exceeded"
+    with pytest.raises(EngineError, match="token ids"):
+        engine.submit([model.config.vocab_size], RequestParams(max_tokens=1), print)
+    engine.submit([1], RequestParams(max_tokens=context - 1), lambda o: None)
+    engine.submit([1], RequestParams(max_tokens=5), lambda o: None)  # one running slot free + one queued
+    with pytest.raises(QueueFull):
+        engine.submit([1], RequestParams(max_tokens=5), lambda o: None)
+    with pytest.raises(EngineError, match="MTP"):
+        Engine(LongcatForCausalLM(random_tiny_config(1, num_nextn_predict_layers=0)), IdTokens(), speculative=True)
+
+
+def test_engine_thread_serves_and_stops(model) -> None:
+    import threading
+
+    engine = Engine(model, IdTokens()).start()
+    done = threading.Event()
+    outs = []
+
+    def sink(out) -> None:  # noqa: ANN001
+        outs.append(out)
+        if out.finish_reason:
+            done.set()
+
+    prompt = _prompts(model.config.vocab_size, 1, seed=6)[0]
+    engine.submit(prompt, RequestParams(max_tokens=6, ignore_eos=True), sink)
+    assert done.wait(30)
+    engine.stop()
+    assert [t for o in outs for t in o.token_ids] == _reference(model, prompt, 6)
