@@ -45,8 +45,10 @@ def test_known_rendering() -> None:
         "SYSTEM:Be brief. [Round 0] USER:Hi ASSISTANT:Hello</longcat_s> [Round 1] USER:Bye? ASSISTANT:"
     )
     text = longcat_chat_prompt(CONVERSATIONS[2], TOOLS)
-    assert text.startswith("# Tools\nYou have access to the following tools: \n\n## Tool namespace: function\n\n"
-                           "### Tool name: get_weather\n\nDescription: Weather for a city.\n\nInputSchema: \n{\n")  # fmt: skip
+    head = "# Tools\nYou have access to the following tools: \n\n## Tool namespace: function\n\n"
+    assert text.startswith(
+        head + "### Tool name: get_weather\n\nDescription: Weather for a city.\n\nInputSchema: \n{\n"
+    )
     assert '"description": "名前"' in text and "# Messages\nSYSTEM:Use tools. [Round 0] USER:Weather" in text
     assert (' ASSISTANT:<longcat_tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
             '</longcat_tool_call><longcat_tool_call>\n{"name": "now", "arguments": {}}\n</longcat_tool_call>'

@@ -16,14 +16,16 @@ BROKEN = '<longcat_tool_call>\n{"name": "get_weather", "arguments": {"city": \n<
 CASES = [
     ("no calls at all <longcat", "no calls at all <longcat", []),
     (CALL_A, "", [("get_weather", {"city": "Paris"})]),
-    ("Let me check." + CALL_A + CALL_B, "Let me check.", [("get_weather", {"city": "Paris"}), ("add", {"a": 1, "b": [2, 3]})]),
+    ("Let me check." + CALL_A + CALL_B, "Let me check.",
+     [("get_weather", {"city": "Paris"}), ("add", {"a": 1, "b": [2, 3]})]),
     ("before " + BROKEN + " after", "before " + BROKEN + " after", []),
     (CALL_A + BROKEN, BROKEN, [("get_weather", {"city": "Paris"})]),
     ("text " + CALL_A[:-5], "text " + CALL_A[:-5], []),  # never closed: returned as text
     ('<longcat_tool_call>\n{"name": "f", "arguments": "{\\"x\\": 2}"}\n</longcat_tool_call>', "", [("f", {"x": 2})]),
     ('<longcat_tool_call>\n["not", "an", "object"]\n</longcat_tool_call>x',
      '<longcat_tool_call>\n["not", "an", "object"]\n</longcat_tool_call>x', []),
-    ('<longcat_tool_call>\n{"arguments": {}}\n</longcat_tool_call>', '<longcat_tool_call>\n{"arguments": {}}\n</longcat_tool_call>', []),
+    ('<longcat_tool_call>\n{"arguments": {}}\n</longcat_tool_call>',
+     '<longcat_tool_call>\n{"arguments": {}}\n</longcat_tool_call>', []),
 ]  # fmt: skip
 
 
