@@ -104,6 +104,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         result = ep.run(**kwargs)
         print(json.dumps(result, indent=2) if args.json else ep.report(result))
         return 0
+    if args.name == "serve":
+        from .bench import serve
+
+        if not args.checkpoint:
+            raise GenerationError("bench serve needs --checkpoint DIR (a trained checkpoint with its tokenizer)")
+        result = serve.run(args.checkpoint, max_tokens=args.max_tokens, requests_per_client=args.requests,
+                           speculative=args.speculative, anchor=not args.no_anchor)  # fmt: skip
+        print(json.dumps(result, indent=2) if args.json else serve.report(result))
+        return 0 if result["requests_failed"] == 0 else 1
     if args.name == "decode":
         from .bench import decode
 
@@ -475,8 +484,12 @@ def build_parser() -> argparse.ArgumentParser:
     plot.set_defaults(func=cmd_plot)
 
     bench = sub.add_parser("bench", help="benchmarks against transformers and dense baselines")
-    bench.add_argument("name", choices=["moe", "train", "decode", "ep"])
-    bench.add_argument("--checkpoint", help="decode: a trained checkpoint (adds speculative vs plain)")
+    bench.add_argument("name", choices=["moe", "train", "decode", "ep", "serve"])
+    bench.add_argument("--checkpoint", help="decode: a trained checkpoint (adds speculative vs plain); serve: required")
+    bench.add_argument("--max-tokens", type=int, default=64, help="serve: output tokens per request")
+    bench.add_argument("--requests", type=int, default=2, help="serve: requests per client at each level")
+    bench.add_argument("--speculative", action="store_true", help="serve: our server with MTP speculation")
+    bench.add_argument("--no-anchor", action="store_true", help="serve: skip transformers serve (ours only)")
     bench.add_argument("--draft-tokens", type=int, default=1, help="decode: MTP draft tokens per round")
     bench.add_argument("--json", action="store_true")
     bench.add_argument("--preset", default="small")
