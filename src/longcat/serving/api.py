@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..inference.generate import GenerationError
 from .batch import Choice
@@ -26,6 +27,31 @@ from .protocol import ChatCompletionRequest, CompletionRequest, RequestError
 from .tool_calls import ToolCallStream
 
 DISCONNECT_POLL_S = 0.5
+RETRY_AFTER_S = 5
+
+
+class Gate:
+    """API key and shutdown checks for /v1, as plain ASGI middleware: Starlette's BaseHTTPMiddleware
+    (what `@app.middleware` builds) would hide client disconnects from the routes."""
+
+    def __init__(self, app, state: ServerState) -> None:  # noqa: ANN001
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            refusal = None
+            if self.state.api_key is not None:
+                given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+                if given != f"Bearer {self.state.api_key}":
+                    refusal = error_response(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                                             code="invalid_api_key")  # fmt: skip
+            if refusal is None and self.state.draining:
+                refusal = error_response(503, "the server is shutting down", code="server_shutting_down",
+                                         headers={"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
@@ -57,13 +83,21 @@ class Submission:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
 
     async def outputs(self, client: Request | None = None) -> AsyncIterator[Output]:
+        """The engine's outputs until the last. With `client` (a whole, non-streamed response) the
+        connection is checked every DISCONNECT_POLL_S whether or not outputs arrive, and a client that
+        went away cancels the request (a stream's generator is cancelled by Starlette instead)."""
+        next_check = time.monotonic() + DISCONNECT_POLL_S
         while not self.done:
             try:
                 out = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
-                if client is not None and await client.is_disconnected():
+                out = None
+            if client is not None and time.monotonic() >= next_check:
+                next_check = time.monotonic() + DISCONNECT_POLL_S
+                if await client.is_disconnected():
                     self.cancel()
                     return
+            if out is None:
                 continue
             self.done = out.finish_reason is not None
             yield out
@@ -119,20 +153,14 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(RequestError)
     async def refused(_: Request, err: RequestError) -> JSONResponse:
-        return error_response(err.status, str(err), err.param, err.code)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if err.status == 503 else None
+        return error_response(err.status, str(err), err.param, err.code, headers=headers)
 
-    @app.middleware("http")
-    async def gate(request: Request, call_next):  # noqa: ANN001, ANN202
-        if request.url.path.startswith("/v1"):
-            if state.api_key is not None:
-                given = request.headers.get("authorization", "")
-                if given != f"Bearer {state.api_key}":
-                    return error_response(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
-                                          code="invalid_api_key")  # fmt: skip
-            if state.draining:
-                return error_response(503, "the server is shutting down", code="server_shutting_down",
-                                      headers={"Retry-After": "5"})  # fmt: skip
-        return await call_next(request)
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:  # unknown route, wrong method
+        return error_response(err.status_code, str(err.detail), code=None, headers=getattr(err, "headers", None))
+
+    app.add_middleware(Gate, state=state)
 
     @app.get("/health")
     async def health() -> Response:

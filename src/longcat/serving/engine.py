@@ -275,19 +275,27 @@ class Engine:
                 longest = max([len(r.prompt) for r in group] + [len(candidate.prompt)])
                 if group and longest * (len(group) + 1) > self.prefill_chunk:
                     break  # a long prompt waits for its own turn, prefilled alone in chunks
-                group.append(self.waiting.popleft())
+                request = self.waiting.popleft()
+                try:
+                    self._prepare(request)
+                except Exception:  # a request that cannot start ends alone (a seed torch refuses, say)
+                    self._end(request, "error", error=traceback.format_exc(limit=2))
+                    continue
+                group.append(request)
         for offset, request in enumerate(group):
             request.slot = len(self.running) + offset
             self.cache.lengths[request.slot] = 0
             if self.mtp_cache is not None:
                 self.mtp_cache.lengths[request.slot] = 0
-            params = request.params
-            generator = None
-            if params.seed is not None:
-                generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
-            request.sampling = RowSampling(params.sampling, generator, params.logprobs)
-            request.text = TextStream(self.tokenizer.decode, params.stop)
         self.prefilling = group
+
+    def _prepare(self, request: Request) -> None:
+        params = request.params
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
+        request.sampling = RowSampling(params.sampling, generator, params.logprobs)
+        request.text = TextStream(self.tokenizer.decode, params.stop)
 
     def _prefill(self) -> None:
         group, first = self.prefilling, len(self.running)

@@ -156,6 +156,8 @@ class SamplingFields(BaseModel):
             raise RequestError(f"top_p must lie in (0, 1], got {self.top_p}", param="top_p")
         if self.top_k is not None and self.top_k < -1:
             raise RequestError(f"top_k must be positive (or -1 / 0 for no limit), got {self.top_k}", param="top_k")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise RequestError(f"seed must lie in [-2**63, 2**64), got {self.seed}", param="seed")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stop) > MAX_STOP:
             raise RequestError(f"stop takes at most {MAX_STOP} strings, got {len(stop)}", param="stop")
