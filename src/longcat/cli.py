@@ -368,10 +368,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         checkpoint=str(root), host=args.host, port=args.port,
         served_model_name=args.served_model_name or args.checkpoint, max_batch=args.max_batch,
         max_queue=args.max_queue, speculative=args.speculative, num_draft_tokens=args.draft_tokens or 1,
-        prefill_chunk=args.prefill_chunk, shutdown_timeout=args.shutdown_timeout, dtype=args.dtype,
+        prefill_chunk=args.prefill_chunk, max_model_len=args.max_model_len,
+        shutdown_timeout=args.shutdown_timeout, dtype=args.dtype,
         log_level=args.log_level,
     )  # fmt: skip
-    return serve(options)
+    from .serving.engine import EngineError
+
+    try:
+        return serve(options)
+    except EngineError as err:  # a setting the model cannot serve with, named before the port opens
+        raise GenerationError(str(err)) from err
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -463,6 +469,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--speculative", action="store_true", help="MTP speculative decoding inside the batch")
     srv.add_argument("--draft-tokens", type=int, help="MTP draft tokens per round (default 1; with --speculative)")
     srv.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per engine step")
+    srv.add_argument(
+        "--max-model-len",
+        type=int,
+        help="context a request may use (default: max_position_embeddings); sizes the KV cache",
+    )
     srv.add_argument(
         "--shutdown-timeout",
         type=float,

@@ -180,6 +180,12 @@ def test_bad_requests_and_a_full_queue_are_refused(model) -> None:
     engine.submit([1], RequestParams(max_tokens=5), lambda o: None)  # one running slot free + one queued
     with pytest.raises(QueueFull):
         engine.submit([1], RequestParams(max_tokens=5), lambda o: None)
+    short = Engine(model, IdTokens(), max_model_len=50)
+    with pytest.raises(EngineError, match=r"maximum context length is 50 tokens") as err:
+        short.submit([1] * 45, RequestParams(max_tokens=6), print)
+    assert short.cache.max_tokens < 160  # the slots are sized for 50 tokens, not the model's 160
+    with pytest.raises(EngineError, match=r"max_model_len must lie in \[1, 160\]"):
+        Engine(model, IdTokens(), max_model_len=161)
     with pytest.raises(EngineError, match="MTP"):
         Engine(LongcatForCausalLM(random_tiny_config(1, num_nextn_predict_layers=0)), IdTokens(), speculative=True)
 

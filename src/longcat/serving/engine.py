@@ -109,7 +109,10 @@ class Engine:
         num_draft_tokens: int = 1,
         prefill_chunk: int = 512,
         metrics=None,  # noqa: ANN001 - serving.metrics.Metrics
+        max_model_len: int | None = None,
     ) -> None:
+        """max_model_len: prompt + output tokens a request may reach (default and upper bound: the model's
+        max_position_embeddings); the cache holds max_batch slots of about this many tokens."""
         if speculative and model.model.mtp is None:
             raise EngineError(
                 "speculative decoding needs MTP weights (model.mtp.*); this checkpoint has none "
@@ -123,12 +126,20 @@ class Engine:
         self.model = model.eval()  # once: the engine never switches modes
         self.tokenizer = tokenizer
         self.context = model.config.max_position_embeddings
+        if max_model_len is not None:
+            if not 1 <= max_model_len <= self.context:
+                raise EngineError(
+                    f"max_model_len must lie in [1, {self.context}] (the model's max_position_embeddings), "
+                    f"got {max_model_len}"
+                )
+            self.context = max_model_len
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.speculative, self.k = speculative, num_draft_tokens
         self.metrics = metrics
         self.eos = set(model.config.eos_token_ids)
-        # padded prefill rows and speculative drafts write a little past a row's true entries
-        room = self.context + max(prefill_chunk, num_draft_tokens + 1)
+        # speculative drafts are written up to k + 1 entries past a row's true ones (padded prefill rows
+        # never pass the context: a group of prompts starts at 0 and its longest prompt fits)
+        room = self.context + num_draft_tokens + 1
         device, dtype = model.device, model.dtype
         self.cache = SlotCache(model.config, max_batch, room, device, dtype)
         self.mtp_cache = SlotCache(model.config, max_batch, room, device, dtype, sublayers=1) if speculative else None

@@ -34,6 +34,7 @@ class ServeOptions:
     speculative: bool = False
     num_draft_tokens: int = 1
     prefill_chunk: int = 512
+    max_model_len: int | None = None
     shutdown_timeout: float = 10.0
     dtype: str | None = None
     device: str | None = None
@@ -85,7 +86,7 @@ def build_state(options: ServeOptions) -> ServerState:
     engine = Engine(
         model, tokenizer, max_batch=options.max_batch, max_queue=options.max_queue,
         speculative=options.speculative, num_draft_tokens=options.num_draft_tokens,
-        prefill_chunk=options.prefill_chunk, metrics=metrics,
+        prefill_chunk=options.prefill_chunk, metrics=metrics, max_model_len=options.max_model_len,
     )  # fmt: skip
     name = options.served_model_name or options.checkpoint
     return ServerState(engine, tokenizer, name, metrics, os.environ.get("LONGCAT_API_KEY") or None)
