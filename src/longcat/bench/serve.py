@@ -321,7 +321,7 @@ def report(result: dict) -> str:
                          f"{_fmt(level['tpot_p99_ms']):>8} {level['failed']:>6}")  # fmt: skip
     for name, anchor in result.get("anchors", {}).items():
         if "error" in anchor:
-            lines.append(f"{name}: not usable: {anchor['error'][-300:]}")
+            lines.append(f"{name}: not usable: {anchor['error'][:300]}")
     if "anchor" in result:
         lines.append(f"anchor: {result['anchor']}; ours / anchor at {max(map(int, result['longcat']))} clients: "
                      f"{result['throughput_ratio_vs_anchor']}x")  # fmt: skip
