@@ -29,9 +29,14 @@ def test_run_writes_metrics_checkpoints_and_final(small_data, tmp_path) -> None:
     assert model.model.mtp is not None
     assert (tmp_path / "final" / "tokenizer.json").is_file()
     assert summary["step"] == 8
-    # lb_groups None resolves to the EP size, 1 on one process, and is stored resolved
-    resolved = tiny_train_config(small_data, save_every=4, lb_groups=1)
-    assert TrainConfig.from_file(tmp_path / "train_config.json") == resolved
+    # lb_groups None resolves to the EP size, 1 on one process, and is stored resolved, as are the
+    # per-group init stds (the model's initializer_range) and peak LRs (lr) that nothing set
+    std = model.config.initializer_range
+    resolved = tiny_train_config(small_data, save_every=4, lb_groups=1).resolved_groups(std)
+    saved = TrainConfig.from_file(tmp_path / "train_config.json")
+    assert saved == resolved
+    assert saved.init_std == dict.fromkeys(("embedding", "hidden", "unembedding", "router"), std)
+    assert saved.lr_groups == dict.fromkeys(("embedding", "hidden", "unembedding", "router", "no_decay"), saved.lr)
     with pytest.raises(TrainingError, match="--resume"):
         Trainer(tiny_train_config(small_data), tmp_path, progress=False)
 

@@ -124,28 +124,37 @@ class LongcatForCausalLM(nn.Module):
 
     # ----- initialisation: every rule in one place -------------------------------------------
     @torch.no_grad()
-    def init_weights(self, generator: torch.Generator | None = None, expert_gamma: float = 1.0) -> None:
-        """Normal(0, initializer_range) for every matrix and embedding, ones for norms, zeros for
-        biases and the selection bias.
+    def init_weights(
+        self, generator: torch.Generator | None = None, expert_gamma: float = 1.0, init_std: dict | None = None
+    ) -> None:
+        """Normal(0, std) for every matrix and embedding, ones for norms, zeros for biases and the
+        selection bias. std is initializer_range, or per group with init_std (keys: embedding = both
+        token embeddings, unembedding = the LM head, router = the expert classifiers, hidden = every
+        other matrix, experts included; the groups width transfer scales, paper §3.1.1).
 
         expert_gamma: the paper's fine-grained expert variance compensation (§2.3.2, Eq. 8) applied
         at init: each expert's down projection is scaled by gamma, so an expert split m ways starts
         with the output scale of the unsplit one (gamma = m). With the released configuration the
         same compensation sits in the forward pass as routed_scaling_factor; leave gamma at 1 there.
         """
-        std = self.config.initializer_range
+        std = {group: self.config.initializer_range for group in ("embedding", "hidden", "unembedding", "router")}
+        std.update(init_std or {})
+        # a router's classifier is drawn twice (by the router, then as a Linear: the order the random
+        # stream has always had), both times with the router's std
+        classifiers = {id(m.classifier) for m in self.modules() if isinstance(m, Router)}
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, mean=0.0, std=std, generator=generator)
+                group = "unembedding" if module is self.lm_head else "router" if id(module) in classifiers else "hidden"
+                nn.init.normal_(module.weight, mean=0.0, std=std[group], generator=generator)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=std, generator=generator)
+                nn.init.normal_(module.weight, mean=0.0, std=std["embedding"], generator=generator)
             elif isinstance(module, Router):
-                module.reset_parameters(std, generator)
+                module.reset_parameters(std["router"], generator)
             elif isinstance(module, Experts):
-                nn.init.normal_(module.gate_up_proj, mean=0.0, std=std, generator=generator)
-                nn.init.normal_(module.down_proj, mean=0.0, std=std * expert_gamma, generator=generator)
+                nn.init.normal_(module.gate_up_proj, mean=0.0, std=std["hidden"], generator=generator)
+                nn.init.normal_(module.down_proj, mean=0.0, std=std["hidden"] * expert_gamma, generator=generator)
         self.init_buffers()
         for module in self.modules():
             if isinstance(module, RMSNorm):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -11,6 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import ConfigError, LongcatConfig
+
+# parameter groups (training/optim.py assigns every parameter one): an init std for each matrix group,
+# a peak LR for each group, no_decay being the norm gains and biases (vectors, initialised to 1 / 0)
+INIT_GROUPS = ("embedding", "hidden", "unembedding", "router")
+LR_GROUPS = ("embedding", "hidden", "unembedding", "router", "no_decay")
 
 
 def _checked(name: str, value: Any) -> Any:
@@ -51,10 +57,16 @@ class TrainConfig:
     # optimisation
     max_steps: int = 600
     lr: float = 3e-3
+    # per parameter group (INIT_GROUPS / LR_GROUPS): init std and peak LR; a missing group takes the
+    # model's initializer_range / `lr`. A run writes the resolved values of every group into
+    # train_config.json (width transfer, scaling/transfer.py, sets them per group).
+    init_std: dict[str, float] = field(default_factory=dict)
+    lr_groups: dict[str, float] = field(default_factory=dict)
     min_lr_ratio: float = 0.1
     warmup_steps: int = 30
     schedule: str = "wsd"  # "wsd" (warmup-stable-decay) or "cosine"
     decay_fraction: float = 0.2  # WSD: the share of steps spent decaying
+    decay_steps: int | None = None  # WSD: the decay's length in steps; None: decay_fraction of max_steps
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -66,6 +78,7 @@ class TrainConfig:
     bias_rate_final_ratio: float = 0.2  # mu decays linearly to this share of itself (paper: decay helps)
     bias_balance_rate: float | None = 0.05  # rate of Eq. 2's load-evening part; None: mu (Eq. 2 as written)
     bias_budget_final_ratio: float | None = 1.0  # split rates: the budget part's decay (None: as the balance part)
+    bias_decay_steps: int | None = None  # steps over which the rates decay; None: max_steps
     # losses
     lb_alpha: float = 0.001  # device-level balance loss with the zero-expert group (Eqs. 3-5)
     # D: groups of FFN experts, one per expert-parallel device; None: the run's EP size (1 on one process),
@@ -93,6 +106,7 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "float32"  # "bfloat16": autocast on CUDA
     export_zero_expert_stubs: bool = True  # final/ loads in transformers 5.x too (checkpoint.save_pretrained)
+    transfer: dict[str, Any] | None = None  # set by width transfer: where the values came from (a record)
 
     def model_config(self, vocab_size: int | None = None, special: dict[str, int] | None = None) -> LongcatConfig:
         overrides = dict(self.model)
@@ -107,6 +121,20 @@ class TrainConfig:
     def mtp_start(self) -> int:
         return self.max_steps // 4 if self.mtp_start_step is None else self.mtp_start_step
 
+    @property
+    def wsd_decay_steps(self) -> int:
+        return round(self.max_steps * self.decay_fraction) if self.decay_steps is None else self.decay_steps
+
+    @property
+    def bias_decay_horizon(self) -> int:
+        return self.max_steps if self.bias_decay_steps is None else self.bias_decay_steps
+
+    def resolved_groups(self, initializer_range: float) -> TrainConfig:
+        """This config with every group's init std and peak LR written out."""
+        init_std = {group: self.init_std.get(group, initializer_range) for group in INIT_GROUPS}
+        lr_groups = {group: self.lr_groups.get(group, self.lr) for group in LR_GROUPS}
+        return dataclasses.replace(self, init_std=init_std, lr_groups=lr_groups)
+
     def validate(self) -> TrainConfig:
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "eval_every", "eval_batches"):
             if getattr(self, name) <= 0:
@@ -119,6 +147,17 @@ class TrainConfig:
             raise ConfigError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         if self.lb_groups is not None and self.lb_groups <= 0:
             raise ConfigError(f"lb_groups must be positive, got {self.lb_groups}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        for name, groups in (("init_std", INIT_GROUPS), ("lr_groups", LR_GROUPS)):
+            for group, value in getattr(self, name).items():
+                if group not in groups:
+                    raise ConfigError(f"{name}.{group}: unknown parameter group; the groups are {', '.join(groups)}")
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == math.inf:
+                    raise ConfigError(f"{name}.{group} must be a positive number, got {value!r}")
+        for name in ("decay_steps", "bias_decay_steps", "mtp_start_step"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -152,8 +191,11 @@ class TrainConfig:
                 value = json.loads(raw)
             except json.JSONDecodeError:
                 value = raw
-            if key.startswith("model."):
-                data["model"] = {**data["model"], key.removeprefix("model."): value}
+            head, dot, group = key.partition(".")
+            if dot and head in ("model", "init_std", "lr_groups"):
+                data[head] = {**data[head], group: value}
+            elif key == "init_std" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                data["init_std"] = {group: value for group in INIT_GROUPS}  # one std for every group
             elif key in data:
                 try:
                     data[key] = _checked(key, value)

@@ -2,9 +2,8 @@
 
 Roles: embedding (both token embeddings), hidden (every matrix inside the layers and the MTP module,
 experts included), unembedding (the LM head), router (expert classifiers) and no_decay (norm gains and
-biases). Matrices get weight decay, norms and biases none. Each group carries an `lr_scale` so the
-paper's width transfer (§3.1.1: hidden and unembedding learning rates divided by the width ratio,
-embedding unchanged) is one table.
+biases). Matrices get weight decay, norms and biases none. Each group has its own peak LR
+(TrainConfig.lr_groups; the paper's width transfer, §3.1.1, sets them per group: scaling/transfer.py).
 """
 
 from __future__ import annotations
@@ -14,9 +13,9 @@ import math
 import torch
 
 from ..distributed import collectives
-from .config import TrainConfig
+from .config import LR_GROUPS, TrainConfig
 
-ROLES = ("embedding", "hidden", "unembedding", "router", "no_decay")
+ROLES = LR_GROUPS
 
 
 def parameter_role(name: str, param: torch.nn.Parameter) -> str:
@@ -31,10 +30,10 @@ def parameter_role(name: str, param: torch.nn.Parameter) -> str:
     return "hidden"
 
 
-def build_optimizer(
-    model: torch.nn.Module, cfg: TrainConfig, lr_scales: dict[str, float] | None = None
-) -> torch.optim.AdamW:
-    scales = {role: 1.0 for role in ROLES} | (lr_scales or {})
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """Each group's lr_scale is its peak LR (cfg.lr_groups, else cfg.lr) over cfg.lr, so the schedule
+    (lr_at) shapes every group alike."""
+    scales = {role: cfg.lr_groups.get(role, cfg.lr) / cfg.lr for role in ROLES}
     groups: dict[str, list[torch.nn.Parameter]] = {role: [] for role in ROLES}
     seen: set[int] = set()
     for name, param in model.named_parameters():
@@ -64,7 +63,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         span = max(cfg.max_steps - cfg.warmup_steps, 1)
         progress = min((step - cfg.warmup_steps + 1) / span, 1.0)  # the last step lands on the floor, as WSD's
         return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-    decay_steps = round(cfg.max_steps * cfg.decay_fraction)
+    decay_steps = cfg.wsd_decay_steps
     decay_start = cfg.max_steps - decay_steps
     if step < decay_start or decay_steps == 0:
         return peak

@@ -162,7 +162,11 @@ class Trainer:
         # built the same way on every rank; a resume then overwrites every tensor from the checkpoint
         self.model = LongcatForCausalLM(model_cfg, device="meta")
         self.model.to_empty(device=self.device)
-        self.model.init_weights(torch.Generator(self.device).manual_seed(cfg.seed), expert_gamma=cfg.expert_gamma)
+        # every group's init std and LR written out (train_config.json records them); a resume keeps its own
+        cfg = self.cfg = cfg.resolved_groups(model_cfg.initializer_range)
+        self.model.init_weights(
+            torch.Generator(self.device).manual_seed(cfg.seed), expert_gamma=cfg.expert_gamma, init_std=cfg.init_std
+        )
         self.config = self.model.config
         for moe in self.model.moe_layers():
             moe.keep_routing = True
@@ -178,7 +182,7 @@ class Trainer:
         self.K_e = cfg.target_ffn_experts or self.config.target_ffn_experts
         self.controller = BudgetController(
             self.config.n_routed_experts, self.config.moe_topk, self.K_e, cfg.bias_update_rate,
-            cfg.bias_rate_final_ratio, cfg.max_steps, cfg.bias_balance_rate, cfg.bias_budget_final_ratio,
+            cfg.bias_rate_final_ratio, cfg.bias_decay_horizon, cfg.bias_balance_rate, cfg.bias_budget_final_ratio,
         )  # fmt: skip
         stream = TokenStream(self.data_dir / "train.bin", self.meta["dtype"])
         rank = layout.rank if layout else 0
