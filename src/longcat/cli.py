@@ -187,7 +187,16 @@ def cmd_train(args: argparse.Namespace) -> int:
             assignments.append(f"{key}={json.dumps(value)}")
     if args.deterministic:
         assignments.append("deterministic=true")
-    cfg = cfg.with_overrides(assignments)
+    if args.width is not None and not args.transfer_from:
+        raise ConfigError("--width applies with --transfer-from SWEEP_DIR (width transfer from a tuned proxy)")
+    if args.transfer_from:
+        if args.resume:
+            raise ConfigError("--transfer-from starts a run; a resume continues the run's own train_config.json")
+        from .scaling.transfer import transferred_config
+
+        cfg = transferred_config(Path(args.transfer_from), args.width, assignments)
+    else:
+        cfg = cfg.with_overrides(assignments)
     model_config = _resumed_model_config(out, cfg) if args.resume else cfg.model_config()
     if args.nproc is not None:  # the launcher: start the workers, each of which comes back here
         from .launcher import launch_train
@@ -380,6 +389,58 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise GenerationError(str(err)) from err
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .scaling.sweep import parse_grid, run_sweep
+
+    base = []
+    for flag, value in (("--preset", args.preset), ("--data", args.data), ("--config", args.config)):
+        if value is not None:
+            base += [flag, value]
+    for item in args.set or []:
+        base += ["--set", item]
+    results = run_sweep(Path(args.out), parse_grid(args.grid), args.seeds, args.max_steps, base, jobs=args.jobs,
+                        resume=args.resume)  # fmt: skip
+    finished = [r for r in results if not r["diverged"] and r["val_loss"] is not None]
+    print(json.dumps({"points": len(results), "diverged": sum(r["diverged"] for r in results),
+                      "failed": sum(r["status"] == "failed" for r in results),
+                      "best": min(finished, key=lambda r: r["val_loss"]) if finished else None,
+                      "sweep": str(Path(args.out) / "sweep.json")}, indent=2))  # fmt: skip
+    return 0
+
+
+def cmd_transfer(args: argparse.Namespace) -> int:
+    from .scaling.transfer import transferred_config
+    from .training.config import TrainConfig
+
+    cfg = transferred_config(Path(args.sweep_dir), args.width, list(args.set or []))
+    out = Path(args.out) if args.out else Path(args.sweep_dir) / f"transfer_width{args.width}.json"
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    os.replace(tmp, out)
+    record = cfg.transfer
+    proxy = TrainConfig.from_file(Path(record["proxy_run"]) / "train_config.json")
+    print(f"best proxy point {record['proxy_point']} (val loss {record['proxy_val_loss']:.4f}, width "
+          f"{record['proxy_width']}); s = {record['s']:g}", file=sys.stderr)  # fmt: skip
+    for group in cfg.lr_groups:
+        std = f"{proxy.init_std[group]:.4g} -> {cfg.init_std[group]:.4g}" if group in cfg.init_std else "-"
+        print(f"  {group:12} init std {std:22} lr {proxy.lr_groups[group]:.4g} -> {cfg.lr_groups[group]:.4g}",
+              file=sys.stderr)  # fmt: skip
+    print(f"wrote {out}; train it with `longcat train --config {out} --out RUN_DIR`", file=sys.stderr)
+    return 0
+
+
+def cmd_grow(args: argparse.Namespace) -> int:
+    from .scaling.growth import grow
+    from .training.checkpointing import StateFileError
+    from .training.trainer import TrainingError
+
+    try:
+        grow(Path(args.source), Path(args.out), factor=args.factor)
+    except (TrainingError, StateFileError) as err:
+        raise ConfigError(str(err)) from err
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .training.checkpointing import StateFileError, export_checkpoint
 
@@ -423,7 +484,19 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a LongCat model (default: the tiny preset on the embedded corpus)")
     train.add_argument("--preset", help="model preset (tiny, small, longcat-flash)")
     train.add_argument("--config", help="a JSON file of training fields (see TrainConfig)")
-    train.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="override fields; model.FIELD for the model")
+    train.add_argument(
+        "--set",
+        action="extend",
+        nargs="+",
+        metavar="KEY=VALUE",
+        help="override fields; model.FIELD for the model (repeatable)",
+    )
+    train.add_argument(
+        "--transfer-from",
+        metavar="SWEEP_DIR",
+        help="width transfer: start from the best proxy point of `longcat sweep --out SWEEP_DIR`",
+    )
+    train.add_argument("--width", type=int, help="with --transfer-from: the target hidden size")
     train.add_argument("--out", help="run directory (default: runs/PRESET-TIMESTAMP)")
     train.add_argument("--data", help="a prepared data directory (default: the embedded corpus)")
     train.add_argument("--max-steps", type=int)
@@ -458,6 +531,44 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stats", action="store_true", help="print speed (and MTP acceptance) to stderr")
     gen.add_argument("--compile", action="store_true", help="torch.compile the decode steps (slow first call)")
     gen.set_defaults(func=cmd_generate)
+
+    sweep = sub.add_parser("sweep", help="train every point of a hyperparameter grid; sweep.json and plots")
+    sweep.add_argument(
+        "--grid",
+        action="append",
+        required=True,
+        metavar="KEY=V1,V2,...",
+        help="a swept setting (as --set takes it: lr, init_std, init_std.hidden, model.X, ...)",
+    )
+    sweep.add_argument("--seeds", type=int, default=1, help="runs per point, seeds 0 .. N-1")
+    sweep.add_argument("--max-steps", type=int, required=True)
+    sweep.add_argument("--out", required=True, help="the sweep directory (runs/, logs/, sweep.json, plots)")
+    sweep.add_argument("--jobs", type=int, default=1, help="points trained at once (the threads are shared)")
+    sweep.add_argument("--resume", action="store_true", help="finish an interrupted sweep: skip finished points")
+    sweep.add_argument("--preset")
+    sweep.add_argument("--data", help="a prepared data directory (default: the embedded corpus)")
+    sweep.add_argument("--config", help="a train_config.json every point starts from")
+    sweep.add_argument("--set", action="extend", nargs="+", metavar="KEY=VALUE", help="a setting every point shares")
+    sweep.set_defaults(func=cmd_sweep)
+
+    transfer = sub.add_parser("transfer", help="width transfer (paper Table 1) from a sweep's best proxy point")
+    transfer.add_argument("sweep_dir")
+    transfer.add_argument("--width", type=int, required=True, help="the target hidden size")
+    transfer.add_argument("--out", help="the train config to write (default SWEEP_DIR/transfer_widthW.json)")
+    transfer.add_argument(
+        "--set",
+        action="extend",
+        nargs="+",
+        metavar="KEY=VALUE",
+        help="explicit values win over transferred ones and are recorded as such",
+    )
+    transfer.set_defaults(func=cmd_transfer)
+
+    grow = sub.add_parser("grow", help="stack a run's layers (paper §3.1.2) with all its training state")
+    grow.add_argument("source", help="a run directory, a step checkpoint, or a model directory such as final/")
+    grow.add_argument("--out", required=True, help="the grown run directory (continue it with train --resume)")
+    grow.add_argument("--factor", type=int, default=2, help="layers L -> factor x L (default 2)")
+    grow.set_defaults(func=cmd_grow)
 
     srv = sub.add_parser("serve", help="an OpenAI-compatible server with continuous batching")
     srv.add_argument("checkpoint", help="a checkpoint directory (config.json, *.safetensors, tokenizer.json)")
