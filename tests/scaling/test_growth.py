@@ -78,6 +78,15 @@ def test_grown_layers_and_moments_copy_the_source(source_run, tmp_path) -> None:
     assert cfg.bias_decay_steps == source_cfg.max_steps
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["event"] == "growth" and rows[-1]["layers_after"] == 3 * L and rows[-1]["step"] == 6
+    assert [r["step"] for r in rows if "loss" in r] == [r["step"] for r in _rows(source_run) if "loss" in r]
+    pytest.importorskip("matplotlib")
+    from longcat.training.plots import plot_run
+
+    assert (out / "plots" / "loss.png") in plot_run(out)  # the growth row is drawn, not read as a step
+
+
+def _rows(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_resumed_grown_run_starts_from_the_grown_model(source_run, tmp_path) -> None:

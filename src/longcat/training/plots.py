@@ -9,18 +9,18 @@ from pathlib import Path
 from ..data.corpus import DataError
 
 
-def read_metrics(run_dir: str | os.PathLike) -> tuple[list[dict], list[dict]]:
-    """(training rows, evaluation rows) of a run."""
+def read_metrics(run_dir: str | os.PathLike) -> tuple[list[dict], list[dict], list[dict]]:
+    """(training rows, evaluation rows, events such as a growth by `longcat grow`) of a run."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise DataError(f"{run_dir} has no metrics.jsonl: it is not a training run directory")
-    train, evals = [], []
+    train, evals, events = [], [], []
     for line in path.read_text().splitlines():
         if not line.strip():
             continue
         row = json.loads(line)
-        (evals if "val_loss" in row else train).append(row)
-    return train, evals
+        (events if "event" in row else evals if "val_loss" in row else train).append(row)
+    return train, evals, events
 
 
 def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
@@ -31,7 +31,7 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         import matplotlib.pyplot as plt
     except ImportError as err:
         raise DataError("longcat plot needs matplotlib: pip install 'longcat[plot]'") from err
-    train, evals = read_metrics(run_dir)
+    train, evals, events = read_metrics(run_dir)
     if not train:
         raise DataError(f"{run_dir}/metrics.jsonl has no training rows yet")
     out = Path(out_dir) if out_dir else Path(run_dir) / "plots"
@@ -55,14 +55,19 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation")
         for key in sorted(k for k in evals[-1] if k.startswith("val_loss_")):
             ax.plot([r["step"] for r in evals], [r.get(key) for r in evals], "--", label=key.removeprefix("val_loss_"))
+    for event in events:
+        if event["event"] == "growth":
+            label = f"grown {event['layers_before']} -> {event['layers_after']} layers"
+            ax.axvline(event["step"], color="k", ls=":", lw=1, label=label)
     ax.set(xlabel="step", ylabel="cross-entropy (nats)", title="Loss")
     ax.legend()
     save(fig, "loss.png")
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    layers = len(train[-1]["ffn_experts_per_layer"])
+    layers = max(len(r["ffn_experts_per_layer"]) for r in train)  # a grown run has more layers later
     for i in range(layers):
-        ax.plot(steps, [r["ffn_experts_per_layer"][i] for r in train], label=f"layer {i}")
+        per_layer = [r["ffn_experts_per_layer"][i] if i < len(r["ffn_experts_per_layer"]) else None for r in train]
+        ax.plot(steps, per_layer, label=f"layer {i}")
     ax.plot(steps, [r["ffn_experts_target"] for r in train], "k--", label="target K_e")
     ax.set(xlabel="step", ylabel="FFN experts per token", title="Compute per token (zero experts take the rest)")
     ax.legend()
