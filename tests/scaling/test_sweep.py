@@ -78,6 +78,12 @@ def _transfer_from(sweep_dir, tmp_path) -> None:
     assert cfg.lr_groups["router"] == 1e-4  # the explicit value wins, and the record says so
     assert cfg.transfer["explicit_overrides"] == ["lr_groups.router"] and cfg.transfer["s"] == 2
     assert cfg.transfer["proxy_point"] == {"lr": 3e-3}
+    by_set = transferred_config(sweep_dir, None, [f"model.hidden_size={width}", "max_steps=3"])
+    assert (
+        by_set.init_std == transferred_config(sweep_dir, width, ["max_steps=3"]).init_std and by_set.transfer["s"] == 2
+    )
+    with pytest.raises(ConfigError, match="needs the target width"):
+        transferred_config(sweep_dir, None, [])
     with pytest.raises(ConfigError, match="num_layers as the proxy's"):
         transferred_config(sweep_dir, width, ["model.num_layers=2"])
     with pytest.raises(ConfigError, match="batch_size as the proxy's"):

@@ -410,6 +410,8 @@ def test_disconnect_frees_the_slot_non_streaming(server):
 
 BAD_REQUESTS = {  # name: (endpoint, body, status, param, code)
     "missing messages": ("chat/completions", {"model": MODEL}, 400, "messages", None),
+    "ill-typed max_tokens": ("chat/completions", {"messages": CHAT, "max_tokens": "many"}, 400, "max_tokens", None),
+    "messages not a list": ("chat/completions", {"messages": "hi"}, 400, "messages", None),
     "empty messages": ("chat/completions", {"messages": []}, 400, "messages", None),
     "bad role": ("chat/completions", {"messages": [{"role": "wiz", "content": "hi"}]}, 400, "messages.0.role", None),
     "max_tokens 0": ("chat/completions", {"messages": CHAT, "max_tokens": 0}, 400, "max_tokens", None),
