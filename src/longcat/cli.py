@@ -457,6 +457,28 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from .studies.catalog import STUDIES
+    from .studies.runner import command_line, run_study, write_report
+
+    if args.list or not args.name:
+        for study in STUDIES.values():
+            print(f"{study.name:16} ~{study.minutes} min  {study.question}")
+        return 0
+    if args.name not in STUDIES:
+        raise ConfigError(f"unknown study {args.name!r}; `longcat study --list` lists them: {', '.join(STUDIES)}")
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
+    study = STUDIES[args.name]
+    out = Path(args.out or f"runs/study-{study.name}" + ("-quick" if args.quick else ""))
+    results = run_study(study, out, seeds=args.seeds, quick=args.quick, data=args.data, resume=args.resume,
+                        progress=not args.quiet)  # fmt: skip
+    report = write_report(study, out, results, command_line(), args.quick)
+    summary = json.loads((out / "summary.json").read_text())
+    print(f"{study.name}: {summary['verdict']} ({summary['reason']}); report: {report}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .training.checkpointing import StateFileError, export_checkpoint
 
@@ -585,6 +607,17 @@ def build_parser() -> argparse.ArgumentParser:
     grow.add_argument("--out", required=True, help="the grown run directory (continue it with train --resume)")
     grow.add_argument("--factor", type=int, default=2, help="layers L -> factor x L (default 2)")
     grow.set_defaults(func=cmd_grow)
+
+    st = sub.add_parser("study", help="rerun one of the paper's claims at small scale; writes DIR/report.md")
+    st.add_argument("name", nargs="?", help="a study (see --list)")
+    st.add_argument("--list", action="store_true", help="the studies, their questions and expected times")
+    st.add_argument("--out", help="the study directory (default runs/study-NAME)")
+    st.add_argument("--quick", action="store_true", help="a few steps per arm: tests the pipeline, measures nothing")
+    st.add_argument("--seeds", type=int, default=2, help="seeds per arm (default 2)")
+    st.add_argument("--data", help="a prepared data directory (default: the embedded corpus)")
+    st.add_argument("--resume", action="store_true", help="keep the finished runs of an interrupted study")
+    st.add_argument("--quiet", action="store_true", help="no progress output")
+    st.set_defaults(func=cmd_study)
 
     pl = sub.add_parser("plan", help="the paper's decode cost model (Table 7): TPOT, $/token, memory per device")
     pl.add_argument("model", help="a preset (longcat-flash), deepseek-v3, qwen3-235b-a22b, or a config.json")

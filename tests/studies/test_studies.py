@@ -1,0 +1,48 @@
+"""`longcat study`: the verdict rule, and every study end to end with --quick."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from longcat.cli import main
+from longcat.studies.catalog import STUDIES
+from longcat.studies.runner import run_study, verdict, write_report
+
+
+def test_verdict_rule() -> None:
+    assert verdict([-0.05, -0.04, -0.06], 0.02, -1)[0] == "reproduced"
+    assert verdict([0.05, 0.04], 0.02, -1)[0] == "not reproduced"
+    assert verdict([-0.05, 0.01], 0.001, -1)[0] == "inconclusive"  # signs disagree
+    assert verdict([-0.01, -0.02], 0.03, -1)[0] == "inconclusive"  # a change of seed moves the metric more
+    assert verdict([], 0.0, -1)[0] == "inconclusive" and verdict([float("nan")], 0.0, -1)[0] == "inconclusive"
+    assert verdict([0.2, 0.3], 0.1, +1)[0] == "reproduced"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(STUDIES))
+def test_quick_study_end_to_end(name, small_data, tmp_path) -> None:
+    study = STUDIES[name]
+    seeds = 1 if len(study.arms) > 2 else 2
+    results = run_study(study, tmp_path, seeds=seeds, quick=True, data=str(small_data), progress=False)
+    assert len(results) == len(study.arms) * seeds
+    report = write_report(study, tmp_path, results, "test", quick=True)
+    text = report.read_text()
+    assert f"# Study: {name} (--quick" in text and "## Verdict: **" in text and "Verdict rule" in text
+    for arm in study.arms:
+        assert f"| {arm.name} | {seeds} |" in text
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["verdict"] in ("reproduced", "not reproduced", "inconclusive")
+    assert len(summary["effects"]) == seeds
+    # --resume keeps finished runs: nothing is trained again
+    again = run_study(study, tmp_path, seeds=seeds, quick=True, data=str(small_data), resume=True, progress=False)
+    assert again == results
+
+
+def test_cli_list_and_unknown(capsys) -> None:
+    assert main(["study", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in STUDIES)
+    assert main(["study", "no-such-study"]) == 2
+    assert "unknown study" in capsys.readouterr().err
