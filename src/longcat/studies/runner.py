@@ -35,6 +35,9 @@ RULE = (
 class Arm:
     name: str
     settings: dict[str, object]  # --set style KEY: VALUE, on top of the study's base
+    # how the arm trains when it is more than one run (growth: a smaller run, grown, continued):
+    # (config, run directory, progress) -> None; default: train(config, run directory)
+    run: Callable[[TrainConfig, Path, bool], None] | None = None
 
 
 @dataclass
@@ -95,7 +98,10 @@ def run_study(study: Study, out: Path, seeds: int = 2, quick: bool = False, data
         if progress:
             elapsed = time.perf_counter() - started
             print(f"[{index + 1}/{len(runs)}] {key} ({elapsed / 60:.1f} min so far)", file=sys.stderr)
-        train(cfg, run_dir, progress=progress)
+        if arm.run is None:
+            train(cfg, run_dir, progress=progress)
+        else:
+            arm.run(cfg, run_dir, progress)
         measured = final_metrics(run_dir)
         if study.measure is not None:
             measured.update(study.measure(run_dir))
