@@ -47,6 +47,9 @@ _ATTRIBUTE_MAP = {
 _ZERO_EXPERT_TYPES = ("identity", "drop")
 
 
+NO_SHORTCUT_MODEL_TYPE = "longcat_no_shortcut"
+
+
 @dataclass
 class LongcatConfig:
     vocab_size: int = 131072
@@ -75,6 +78,10 @@ class LongcatConfig:
     qk_rope_head_dim: int = 64
     head_dim: int | None = None  # transformers uses it as the rotary dim: must equal qk_rope_head_dim
     v_head_dim: int = 128
+    # ScMoE (paper §2.2): the MoE reads the first attention's output. False: it reads the second attention's,
+    # as FFN_1 does (the same parameters and FLOPs, no shortcut) -- a study baseline, saved under another
+    # model_type (NO_SHORTCUT_MODEL_TYPE) so that no LongCat-Flash loader runs it as ScMoE
+    moe_shortcut: bool = True
     mla_scale_q_lora: bool = True  # paper Eq. 7: alpha_q = sqrt(hidden / q_lora_rank)
     mla_scale_kv_lora: bool = True  # alpha_kv = sqrt(hidden / kv_lora_rank)
     # MoE with zero-computation experts (paper §2.1)
@@ -204,8 +211,15 @@ class LongcatConfig:
     def from_dict(cls, data: dict[str, Any]) -> LongcatConfig:
         data = dict(data)
         model_type = data.get("model_type")
-        if model_type not in (None, "longcat_flash"):
+        if model_type not in (None, "longcat_flash", NO_SHORTCUT_MODEL_TYPE):
             raise ConfigError(f"model_type is {model_type!r}, expected 'longcat_flash'")
+        if model_type == NO_SHORTCUT_MODEL_TYPE:
+            data["moe_shortcut"] = False
+        elif data.get("moe_shortcut") is False:
+            raise ConfigError(
+                f"moe_shortcut is false but model_type is {model_type!r}: a model without the shortcut is saved as "
+                f"model_type {NO_SHORTCUT_MODEL_TYPE!r}; fix the config"
+            )
         if "num_layers" not in data and "num_hidden_layers" in data:
             raise ConfigError(
                 "config has num_hidden_layers but no num_layers; num_hidden_layers is ambiguous "
@@ -248,8 +262,10 @@ class LongcatConfig:
     def to_dict(self) -> dict[str, Any]:
         """The `config.json` content: loads in transformers 4.57 (rope_theta) and 5.x (rope_parameters)."""
         out: dict[str, Any] = {"architectures": ["LongcatFlashForCausalLM"], "model_type": "longcat_flash"}
+        if not self.moe_shortcut:  # transformers (and any ScMoE loader) must refuse it, not run it as ScMoE
+            out = {"architectures": ["LongcatNoShortcutForCausalLM"], "model_type": NO_SHORTCUT_MODEL_TYPE}
         for f in dataclasses.fields(self):
-            if f.name in ("extra", "torch_dtype"):
+            if f.name in ("extra", "torch_dtype") or (f.name == "moe_shortcut" and self.moe_shortcut):
                 continue
             out[f.name] = getattr(self, f.name)
         out["qk_head_dim"] = self.qk_head_dim

@@ -18,6 +18,9 @@ def test_verdict_rule() -> None:
     assert verdict([-0.01, -0.02], 0.03, -1)[0] == "inconclusive"  # a change of seed moves the metric more
     assert verdict([], 0.0, -1)[0] == "inconclusive" and verdict([float("nan")], 0.0, -1)[0] == "inconclusive"
     assert verdict([0.2, 0.3], 0.1, +1)[0] == "reproduced"
+    # a claim of no difference
+    assert verdict([0.01, -0.02], 0.05, 0)[0] == "reproduced"
+    assert verdict([0.2, 0.3], 0.05, 0)[0] == "not reproduced"
 
 
 @pytest.mark.slow

@@ -41,6 +41,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.ModuleList([RMSNorm(H, config.rms_norm_eps) for _ in range(2)])
         self.post_attention_layernorm = nn.ModuleList([RMSNorm(H, config.rms_norm_eps) for _ in range(2)])
         self.mlp = MoE(config)
+        self.shortcut = config.moe_shortcut
 
     def forward(
         self,
@@ -56,6 +57,11 @@ class DecoderLayer(nn.Module):
         attn = lambda i, inp: self.self_attn[i](inp, cos, sin, attn_mask, cache, 2 * index + i, start)
         h = x + attn(0, self.input_layernorm[0](x))
         u = self.post_attention_layernorm[0](h)
+        if not self.shortcut:  # the study baseline: the MoE reads what FFN_1 reads, after the second attention
+            h = h + self.mlps[0](u)
+            h = h + attn(1, self.input_layernorm[1](h))
+            v = self.post_attention_layernorm[1](h)
+            return h + self.mlps[1](v) + self.mlp.finish(self.mlp.compute(self.mlp.begin(v)))
         moe = self.mlp.begin(u)  # routes; under expert parallelism the dispatch starts here
         h = h + self.mlps[0](u)
         moe = self.mlp.compute(moe)  # the local experts; under expert parallelism the return starts here

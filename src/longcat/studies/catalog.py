@@ -156,4 +156,24 @@ GROWTH = Study(
     ],  # fmt: skip
 )
 
-STUDIES = {study.name: study for study in (ZERO_EXPERTS, Z_LOSS, MLA_SCALE, ADAM_EPS, GROWTH)}
+SHORTCUT = Study(
+    name="shortcut",
+    question="Does feeding the MoE from the first attention (the shortcut that lets its communication overlap the "
+    "dense path) cost quality against the same layer with the MoE after the second attention?",
+    claim="Fig. 4: training losses with and without ScMoE are nearly identical (four configurations); ScMoE is "
+    "quality-neutral.",
+    arms=[
+        Arm("no-shortcut", {"model.moe_shortcut": False}),
+        Arm("scmoe", {}),
+    ],
+    base=FULL,
+    quick=QUICK,
+    claimed_sign=0,
+    notes=[
+        "The no-shortcut arm has the same parameters and FLOPs: its MoE reads the second attention's "
+        "normalised output, as FFN_1 does. Its checkpoints are saved as model_type longcat_no_shortcut, "
+        "which transformers refuses instead of running them as ScMoE."
+    ],  # fmt: skip
+)
+
+STUDIES = {study.name: study for study in (ZERO_EXPERTS, SHORTCUT, Z_LOSS, MLA_SCALE, ADAM_EPS, GROWTH)}

@@ -24,6 +24,11 @@ from pathlib import Path
 
 from ..training.config import TrainConfig
 
+PARITY_RULE = (
+    "effect = arm B - arm A, per seed; the claim is no difference. Reproduced: |mean effect| <= spread (the larger "
+    "of the two arms' ranges, max - min over seeds, of the metric). Not reproduced: every seed's effect has the "
+    "same sign and |mean effect| > spread. Otherwise inconclusive."
+)
 RULE = (
     "effect = arm B - arm A, per seed. Reproduced: every seed's effect has the claimed sign and |mean effect| > "
     "spread (the larger of the two arms' ranges, max - min over seeds, of the metric). Not reproduced: every "
@@ -49,7 +54,7 @@ class Study:
     base: dict[str, object]  # settings every arm shares (full runs)
     quick: dict[str, object]  # what --quick changes (a few steps)
     metric: str = "val_loss"  # what the claim is about, read by `measure`
-    claimed_sign: int = -1  # the sign of B - A the paper claims (-1: B lower)
+    claimed_sign: int = -1  # the sign of B - A the paper claims (-1: B lower; 0: no difference, PARITY_RULE)
     minutes: int = 30  # expected time of the full study on 2 CPU cores
     measure: Callable[[Path], dict] | None = None  # run dir -> extra metrics (default: final validation losses)
     compare: tuple[str, str] | None = None  # (A, B); default the first two arms
@@ -121,6 +126,12 @@ def verdict(effects: list[float], spread: float, claimed_sign: int) -> tuple[str
     mean = statistics.fmean(effects)
     signs = {1 if e > 0 else -1 if e < 0 else 0 for e in effects}
     clear = abs(mean) > spread
+    if claimed_sign == 0:
+        if not clear:
+            return "reproduced", f"|mean| {abs(mean):.4g} <= spread {spread:.4g}: no difference beyond seed noise"
+        if len(signs) == 1:
+            return "not reproduced", f"every seed differs the same way and |mean| {abs(mean):.4g} > spread {spread:.4g}"
+        return "inconclusive", f"mean {mean:.4g}, spread {spread:.4g}, signs {sorted(signs)}"
     if signs == {claimed_sign} and clear:
         return (
             "reproduced",
@@ -177,7 +188,12 @@ def write_report(study: Study, out: Path, results: dict, command: str, quick: bo
         f"**The paper's claim.** {study.claim}",
         "",
         f"**Verdict rule (fixed before the runs).** Metric: `{study.metric}`, compared as {summary['compare'][1]} "
-        f"minus {summary['compare'][0]}, claimed sign {'negative' if study.claimed_sign < 0 else 'positive'}. {RULE}",
+        f"minus {summary['compare'][0]}, "
+        + (
+            f"claimed: no difference. {PARITY_RULE}"
+            if study.claimed_sign == 0
+            else f"claimed sign {'negative' if study.claimed_sign < 0 else 'positive'}. {RULE}"
+        ),
         "",
         "## Configurations",
         "",
