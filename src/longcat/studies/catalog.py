@@ -176,4 +176,71 @@ SHORTCUT = Study(
     ],  # fmt: skip
 )
 
-STUDIES = {study.name: study for study in (ZERO_EXPERTS, SHORTCUT, Z_LOSS, MLA_SCALE, ADAM_EPS, GROWTH)}
+PROXY_WIDTH, TARGET_WIDTH = 32, 128  # s = 4
+TRANSFER_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
+
+
+def _width(width: int) -> dict:
+    """The tiny preset at another hidden size, every width scaled with it (scaling/transfer.widen)."""
+    from ..config import LongcatConfig
+    from ..scaling.transfer import widen
+
+    overrides, _ = widen(LongcatConfig.from_preset("tiny").to_dict(), width)
+    return {f"model.{key}": value for key, value in overrides.items()}
+
+
+def _mean_loss(results: dict, arm: str) -> float:
+    values = [r["val_loss"] for r in results.values() if r["arm"] == arm and r.get("val_loss") is not None]
+    return sum(values) / len(values) if values else math.inf
+
+
+def transferred_arm(cfg: TrainConfig, run_dir: Path, progress: bool) -> None:
+    """The target-width model with the per-group init and LRs that Table 1 derives from the best proxy point
+    (the proxy arms ran first; their results are in the study's results.json)."""
+    import dataclasses
+
+    from ..scaling.transfer import transfer
+    from ..training.trainer import train
+
+    results = json.loads((run_dir.parents[2] / "results.json").read_text())
+    best = min((f"proxy-lr{lr:g}" for lr in TRANSFER_LRS), key=lambda arm: _mean_loss(results, arm))
+    lr = float(best.removeprefix("proxy-lr"))
+    proxy_std = {group: cfg.model_config().initializer_range for group in ("embedding", "hidden", "unembedding",
+                                                                            "router")}  # fmt: skip
+    proxy_lr = dict.fromkeys(("embedding", "hidden", "unembedding", "router", "no_decay"), lr)
+    init_std, lr_groups = transfer(proxy_std, proxy_lr, TARGET_WIDTH / PROXY_WIDTH)
+    record = {"proxy_arm": best, "proxy_lr": lr, "s": TARGET_WIDTH / PROXY_WIDTH, "rule": "paper Table 1"}
+    train(dataclasses.replace(cfg, lr=lr, init_std=init_std, lr_groups=lr_groups, transfer=record), run_dir,
+          progress=progress)  # fmt: skip
+
+
+def _transfer_compare(results: dict) -> tuple[str, str]:
+    best = min((f"target-lr{lr:g}" for lr in TRANSFER_LRS), key=lambda arm: _mean_loss(results, arm))
+    return best, "transferred"
+
+
+WIDTH_TRANSFER = Study(
+    name="width-transfer",
+    question=f"Do hyperparameters tuned at width {PROXY_WIDTH} and transferred to width {TARGET_WIDTH} (s = "
+    f"{TARGET_WIDTH // PROXY_WIDTH}) by Table 1 do as well as the best learning rate swept at width {TARGET_WIDTH}?",
+    claim="§3.1.1 / Table 1: with the 'Adam LR full align' rules for standard parameterisation, the proxy's "
+    "optimum transfers to the wide model (hidden and unembedding LR and init variance divided by s, embedding "
+    "unchanged); the paper reports no comparison figure.",
+    arms=[
+        *(Arm(f"proxy-lr{lr:g}", {"lr": lr, **_width(PROXY_WIDTH)}) for lr in TRANSFER_LRS),
+        *(Arm(f"target-lr{lr:g}", {"lr": lr, **_width(TARGET_WIDTH)}) for lr in TRANSFER_LRS),
+        Arm("transferred", _width(TARGET_WIDTH), run=transferred_arm),
+    ],
+    base={**FULL, "max_steps": 150, "seq_len": 128, "eval_every": 75},
+    quick=QUICK,
+    claimed_sign=0,
+    choose=_transfer_compare,
+    minutes=35,
+    notes=[
+        "A (the comparison's baseline) is the target-width arm with the lowest mean validation loss, chosen "
+        "after the runs; B is the transferred arm. The claim is that B is as good: the parity rule.",
+        "The swept arms use one LR for every group; the transferred arm has per-group LRs and init stds.",
+    ],  # fmt: skip
+)
+
+STUDIES = {study.name: study for study in (ZERO_EXPERTS, SHORTCUT, Z_LOSS, MLA_SCALE, ADAM_EPS, WIDTH_TRANSFER, GROWTH)}

@@ -58,6 +58,7 @@ class Study:
     minutes: int = 30  # expected time of the full study on 2 CPU cores
     measure: Callable[[Path], dict] | None = None  # run dir -> extra metrics (default: final validation losses)
     compare: tuple[str, str] | None = None  # (A, B); default the first two arms
+    choose: Callable[[dict], tuple[str, str]] | None = None  # (A, B) from the results, when they decide it
     notes: list[str] = field(default_factory=list)
 
 
@@ -105,7 +106,7 @@ def run_study(study: Study, out: Path, seeds: int = 2, quick: bool = False, data
             print(f"[{index + 1}/{len(runs)}] {key} ({elapsed / 60:.1f} min so far)", file=sys.stderr)
         if arm.run is None:
             train(cfg, run_dir, progress=progress)
-        else:
+        else:  # an arm that needs the results so far (width transfer) reads them from results.json
             arm.run(cfg, run_dir, progress)
         measured = final_metrics(run_dir)
         if study.measure is not None:
@@ -144,7 +145,7 @@ def verdict(effects: list[float], spread: float, claimed_sign: int) -> tuple[str
 
 
 def summarise(study: Study, results: dict) -> dict:
-    a, b = study.compare or (study.arms[0].name, study.arms[1].name)
+    a, b = study.choose(results) if study.choose else study.compare or (study.arms[0].name, study.arms[1].name)
     by_arm: dict[str, list[dict]] = {}
     for row in results.values():
         by_arm.setdefault(row["arm"], []).append(row)
