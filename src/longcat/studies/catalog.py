@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 from ..training.config import TrainConfig
+from . import allocation
 from .runner import Arm, Study
 
 FULL = {"preset": "tiny", "max_steps": 300, "batch_size": 16, "seq_len": 256, "eval_every": 100,
@@ -243,4 +244,27 @@ WIDTH_TRANSFER = Study(
     ],  # fmt: skip
 )
 
-STUDIES = {study.name: study for study in (ZERO_EXPERTS, SHORTCUT, Z_LOSS, MLA_SCALE, ADAM_EPS, WIDTH_TRANSFER, GROWTH)}
+COMPUTE_ALLOCATION = Study(
+    name="compute-allocation",
+    question="In a trained model, which tokens get more FFN experts, by domain and kind of token, and do the "
+    "positions whose next token is harder to predict get more compute?",
+    claim="§2.1 (and Fig. 3b): zero-computation experts let the model give more computation to harder, more "
+    "important tokens and less to easy ones; compute per token varies by context.",
+    arms=[Arm("default-run", {})],
+    base={"preset": "tiny"},  # the default training run (600 steps, about 8 minutes a seed)
+    quick=QUICK,
+    metric="compute_loss_spearman",
+    claimed_sign=+1,
+    measure=allocation.measure_run,
+    report_extra=allocation.report_lines,
+    notes=[
+        "Compute is the number of FFN (non-zero) experts a position's token was routed to, averaged over the "
+        "layers; its loss is the cross-entropy of the prediction made at that position. The verdict reads "
+        "the Spearman correlation of the two over the validation windows, one value per seed."
+    ],  # fmt: skip
+)
+
+STUDIES = {
+    study.name: study
+    for study in (ZERO_EXPERTS, SHORTCUT, Z_LOSS, MLA_SCALE, ADAM_EPS, WIDTH_TRANSFER, GROWTH, COMPUTE_ALLOCATION)
+}

@@ -59,6 +59,7 @@ class Study:
     measure: Callable[[Path], dict] | None = None  # run dir -> extra metrics (default: final validation losses)
     compare: tuple[str, str] | None = None  # (A, B); default the first two arms
     choose: Callable[[dict], tuple[str, str]] | None = None  # (A, B) from the results, when they decide it
+    report_extra: Callable[[dict], list[str]] | None = None  # more report lines from the results
     notes: list[str] = field(default_factory=list)
 
 
@@ -145,18 +146,25 @@ def verdict(effects: list[float], spread: float, claimed_sign: int) -> tuple[str
 
 
 def summarise(study: Study, results: dict) -> dict:
-    a, b = study.choose(results) if study.choose else study.compare or (study.arms[0].name, study.arms[1].name)
+    """The effect per seed (B - A, or with one arm the metric itself), the seeds' spread, the verdict."""
     by_arm: dict[str, list[dict]] = {}
     for row in results.values():
         by_arm.setdefault(row["arm"], []).append(row)
-    seeds = sorted({r["seed"] for r in by_arm.get(a, [])} & {r["seed"] for r in by_arm.get(b, [])})
     value = {(r["arm"], r["seed"]): r.get(study.metric) for r in results.values()}
-    effects = [value[(b, s)] - value[(a, s)] for s in seeds if value[(b, s)] is not None and value[(a, s)] is not None]
-    ranges = []
-    for arm in (a, b):
-        values = [value[(arm, s)] for s in seeds if value[(arm, s)] is not None]
-        ranges.append(max(values) - min(values) if values else math.nan)
-    spread = max(ranges) if ranges else math.nan
+    if len(study.arms) == 1:
+        a = b = study.arms[0].name
+        seeds = sorted(r["seed"] for r in by_arm.get(a, []))
+        effects = [value[(a, s)] for s in seeds if value[(a, s)] is not None]
+        spread = max(effects) - min(effects) if effects else math.nan  # one arm: the metric's range over seeds
+    else:
+        a, b = study.choose(results) if study.choose else study.compare or (study.arms[0].name, study.arms[1].name)
+        seeds = sorted({r["seed"] for r in by_arm.get(a, [])} & {r["seed"] for r in by_arm.get(b, [])})
+        effects = [value[(b, s)] - value[(a, s)] for s in seeds if None not in (value[(b, s)], value[(a, s)])]
+        ranges = []
+        for arm in (a, b):
+            values = [value[(arm, s)] for s in seeds if value[(arm, s)] is not None]
+            ranges.append(max(values) - min(values) if values else math.nan)
+        spread = max(ranges) if ranges else math.nan
     result, reason = verdict(effects, spread, study.claimed_sign)
     return {"compare": [a, b], "seeds": seeds, "effects": effects, "spread": spread, "verdict": result,
             "reason": reason, "by_arm": by_arm}  # fmt: skip
@@ -188,8 +196,12 @@ def write_report(study: Study, out: Path, results: dict, command: str, quick: bo
         "",
         f"**The paper's claim.** {study.claim}",
         "",
-        f"**Verdict rule (fixed before the runs).** Metric: `{study.metric}`, compared as {summary['compare'][1]} "
-        f"minus {summary['compare'][0]}, "
+        f"**Verdict rule (fixed before the runs).** Metric: `{study.metric}`, "
+        + (
+            "its value per seed is the effect (one arm); "
+            if len(study.arms) == 1
+            else f"compared as {summary['compare'][1]} minus {summary['compare'][0]}, "
+        )
         + (
             f"claimed: no difference. {PARITY_RULE}"
             if study.claimed_sign == 0
@@ -214,6 +226,8 @@ def write_report(study: Study, out: Path, results: dict, command: str, quick: bo
     lines += ["", f"Effect per seed ({summary['compare'][1]} - {summary['compare'][0]}, `{study.metric}`): "
               + ", ".join(f"{e:+.4f}" for e in summary["effects"])
               + f"; seeds' spread (the larger arm range) {summary['spread']:.4f}.", ""]  # fmt: skip
+    if study.report_extra is not None:
+        lines += study.report_extra(results)
     plots = plot_study(study, out, results)
     lines += [f"![{p.stem}]({p.name})" for p in plots] + [""]
     lines += [f"## Verdict: **{summary['verdict']}**", "", summary["reason"] + ".", ""]
