@@ -22,6 +22,20 @@ import torch
 from ..config import LongcatConfig
 
 
+def _buffers(
+    config: LongcatConfig,
+    rows: int,
+    max_tokens: int,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    sublayers: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """latent [S, rows, M, Rkv] and k_rope [S, rows, M, R], zeroed; S = 2 * num_layers unless given."""
+    S = config.num_hidden_layers if sublayers is None else sublayers
+    latent = torch.zeros(S, rows, max_tokens, config.kv_lora_rank, device=device, dtype=dtype)
+    return latent, torch.zeros(S, rows, max_tokens, config.qk_rope_head_dim, device=device, dtype=dtype)
+
+
 class LatentCache:
     def __init__(
         self,
@@ -33,9 +47,7 @@ class LatentCache:
         sublayers: int | None = None,
     ) -> None:
         """sublayers: 2 * num_layers for the main model (the default), 1 for the MTP layer's own cache."""
-        S = config.num_hidden_layers if sublayers is None else sublayers
-        self.latent = torch.zeros(S, batch_size, max_tokens, config.kv_lora_rank, device=device, dtype=dtype)
-        self.k_rope = torch.zeros(S, batch_size, max_tokens, config.qk_rope_head_dim, device=device, dtype=dtype)
+        self.latent, self.k_rope = _buffers(config, batch_size, max_tokens, device, dtype, sublayers)
         self.key_valid = torch.zeros(batch_size, max_tokens, dtype=torch.bool, device=device)
         self.length = 0
         self.max_tokens = max_tokens
@@ -99,9 +111,7 @@ class SlotCache:
         dtype: torch.dtype,
         sublayers: int | None = None,
     ) -> None:
-        S = config.num_hidden_layers if sublayers is None else sublayers
-        self.latent = torch.zeros(S, slots, max_tokens, config.kv_lora_rank, device=device, dtype=dtype)
-        self.k_rope = torch.zeros(S, slots, max_tokens, config.qk_rope_head_dim, device=device, dtype=dtype)
+        self.latent, self.k_rope = _buffers(config, slots, max_tokens, device, dtype, sublayers)
         self.lengths = [0] * slots
         self.max_tokens = max_tokens
 
