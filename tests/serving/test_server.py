@@ -448,6 +448,10 @@ def test_context_length_exceeded(server):
         response = http.post("/v1/completions", json={"prompt": list(range(10, 20)), "max_tokens": CONTEXT - 6})
     error = assert_error(response, 400, code="context_length_exceeded")
     assert str(CONTEXT) in error["message"] and str(CONTEXT + 4) in error["message"]
+    with server.http() as http:  # no max_tokens: the rest of the context, and a full prompt leaves none
+        response = http.post("/v1/completions", json={"prompt": [5] * CONTEXT})
+    error = assert_error(response, 400, param="prompt", code="context_length_exceeded")
+    assert f"{CONTEXT} tokens and the prompt has {CONTEXT}" in error["message"]
 
 
 def test_seed_out_of_range(server):

@@ -189,7 +189,7 @@ def create_app(state: ServerState) -> FastAPI:
         except GenerationError as err:
             raise RequestError(str(err), param="messages") from err
         prompt = state.tokenizer.encode(text)
-        params = body.engine_params(body.limit(), state.engine.context - len(prompt))
+        params = body.engine_params(body.limit(), len(prompt), state.engine.context)
         if body.logprobs:
             params.logprobs = body.top_logprobs or 0
         submission = submit(state, prompt, params)
@@ -207,7 +207,7 @@ def create_app(state: ServerState) -> FastAPI:
         submissions = []
         try:
             for ids in prompts:
-                params = body.engine_params(body.max_tokens, state.engine.context - len(ids))
+                params = body.engine_params(body.max_tokens, len(ids), state.engine.context)
                 params.logprobs = body.logprobs
                 if body.echo and body.logprobs is not None:
                     params.prompt_logprobs = body.logprobs

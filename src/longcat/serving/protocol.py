@@ -143,10 +143,16 @@ class SamplingFields(BaseModel):
         if self.stream_options is not None and not self.stream:
             raise RequestError("stream_options is only allowed with stream = true", param="stream_options")
 
-    def engine_params(self, max_tokens: int | None, room: int) -> RequestParams:
-        """room: context tokens left after the prompt (the default for max_tokens)."""
+    def engine_params(self, max_tokens: int | None, prompt_tokens: int, context: int) -> RequestParams:
+        """An omitted max_tokens takes the rest of the context after the prompt."""
         if max_tokens is None:
-            max_tokens = room
+            if prompt_tokens >= context:
+                raise RequestError(
+                    f"This model's maximum context length is {context} tokens and the prompt has {prompt_tokens}, "
+                    "which leaves none to generate; shorten the prompt",
+                    param="messages" if hasattr(self, "messages") else "prompt", code="context_length_exceeded",
+                )  # fmt: skip
+            max_tokens = context - prompt_tokens
         if max_tokens < 1:
             raise RequestError(f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
         temperature = 1.0 if self.temperature is None else self.temperature
