@@ -471,8 +471,16 @@ def cmd_study(args: argparse.Namespace) -> int:
         raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
     study = STUDIES[args.name]
     out = Path(args.out or f"runs/study-{study.name}" + ("-quick" if args.quick else ""))
-    results = run_study(study, out, seeds=args.seeds, quick=args.quick, data=args.data, resume=args.resume,
-                        progress=not args.quiet)  # fmt: skip
+    if args.checkpoint:
+        if study.name != "compute-allocation":
+            raise ConfigError("--checkpoint applies to the compute-allocation study (the others train their arms)")
+        from .studies.allocation import measure_checkpoint
+
+        results = measure_checkpoint(Path(args.checkpoint), Path(args.data) if args.data else None, out / "given")
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    else:
+        results = run_study(study, out, seeds=args.seeds, quick=args.quick, data=args.data, resume=args.resume,
+                            progress=not args.quiet)  # fmt: skip
     report = write_report(study, out, results, command_line(), args.quick)
     summary = json.loads((out / "summary.json").read_text())
     print(f"{study.name}: {summary['verdict']} ({summary['reason']}); report: {report}")
@@ -617,6 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--data", help="a prepared data directory (default: the embedded corpus)")
     st.add_argument("--resume", action="store_true", help="keep the finished runs of an interrupted study")
     st.add_argument("--quiet", action="store_true", help="no progress output")
+    st.add_argument("--checkpoint", help="compute-allocation: measure this trained model instead of training runs")
     st.set_defaults(func=cmd_study)
 
     pl = sub.add_parser("plan", help="the paper's decode cost model (Table 7): TPOT, $/token, memory per device")

@@ -17,6 +17,7 @@ def test_verdict_rule() -> None:
     assert verdict([-0.05, 0.01], 0.001, -1)[0] == "inconclusive"  # signs disagree
     assert verdict([-0.01, -0.02], 0.03, -1)[0] == "inconclusive"  # a change of seed moves the metric more
     assert verdict([], 0.0, -1)[0] == "inconclusive" and verdict([float("nan")], 0.0, -1)[0] == "inconclusive"
+    assert verdict([-0.5], 0.0, -1)[0] == "inconclusive"  # one seed: nothing to weigh the effect against
     assert verdict([0.2, 0.3], 0.1, +1)[0] == "reproduced"
     # a claim of no difference
     assert verdict([0.01, -0.02], 0.05, 0)[0] == "reproduced"
@@ -41,6 +42,21 @@ def test_quick_study_end_to_end(name, small_data, tmp_path) -> None:
     # --resume keeps finished runs: nothing is trained again
     again = run_study(study, tmp_path, seeds=seeds, quick=True, data=str(small_data), resume=True, progress=False)
     assert again == results
+
+
+def test_compute_allocation_of_a_given_checkpoint(small_data, tmp_path, capsys) -> None:
+    from tests.conftest import tiny_train_config
+
+    from longcat.training.trainer import train
+
+    train(tiny_train_config(small_data, max_steps=2, eval_every=2, seq_len=32), tmp_path / "run", progress=False)
+    args = ["study", "compute-allocation", "--checkpoint", str(tmp_path / "run" / "final"), "--data", str(small_data),
+            "--out", str(tmp_path / "study")]  # fmt: skip
+    assert main(args) == 0
+    assert "inconclusive" in capsys.readouterr().out  # one model: no spread over seeds
+    text = (tmp_path / "study" / "report.md").read_text()
+    assert "## Where the compute goes" in text and "| scripture |" in text and "Spearman" in text
+    assert main(["study", "z-loss", "--checkpoint", str(tmp_path)]) == 2
 
 
 def test_cli_list_and_unknown(capsys) -> None:

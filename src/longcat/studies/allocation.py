@@ -112,6 +112,22 @@ def summarise_allocation(per_domain: dict, pieces: dict[int, str], target: float
     }
 
 
+def measure_checkpoint(checkpoint: Path, data_dir: Path | None, out: Path) -> dict:
+    """`longcat study compute-allocation --checkpoint DIR`: one trained model instead of the study's own
+    runs; its validation data is `data_dir` (default: the embedded corpus, which the default runs train on)."""
+    from ..config import LongcatConfig
+    from ..training.trainer import default_data_dir
+
+    seq_len = min(256, LongcatConfig.from_json_file(checkpoint / "config.json").max_position_embeddings)
+    result = measure_allocation(checkpoint, data_dir or default_data_dir(), seq_len=seq_len)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "allocation.json").write_text(json.dumps(result, indent=2) + "\n")
+    row = {"arm": "default-run", "seed": 0, "run_dir": str(out), "checkpoint": str(checkpoint),
+           "compute_loss_spearman": result["compute_loss_spearman"],
+           "compute_loss_pearson": result["compute_loss_pearson"]}  # fmt: skip
+    return {"default-run/seed0": row}
+
+
 def measure_run(run_dir: Path) -> dict:
     """A study's `measure`: the allocation of a run's final/ on its own validation data."""
     cfg = json.loads((run_dir / "train_config.json").read_text())

@@ -125,6 +125,8 @@ def verdict(effects: list[float], spread: float, claimed_sign: int) -> tuple[str
     """(verdict, reason) by RULE; spread: the seeds' spread of the metric within an arm."""
     if not effects or any(not math.isfinite(e) for e in effects) or not math.isfinite(spread):
         return "inconclusive", "a seed has no finite effect"
+    if len(effects) < 2:
+        return "inconclusive", f"one seed (effect {effects[0]:.4g}): no spread over seeds to weigh it against"
     mean = statistics.fmean(effects)
     signs = {1 if e > 0 else -1 if e < 0 else 0 for e in effects}
     clear = abs(mean) > spread
@@ -250,7 +252,10 @@ def plot_study(study: Study, out: Path, results: dict) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 4))
     colours = {arm.name: f"C{i}" for i, arm in enumerate(study.arms)}
     for row in results.values():
-        rows = [json.loads(x) for x in (Path(row["run_dir"]) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        metrics = Path(row["run_dir"]) / "metrics.jsonl"
+        if not metrics.is_file():  # a given checkpoint, not a run of this study
+            continue
+        rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
         train = [r for r in rows if "loss" in r and "event" not in r]
         label = row["arm"] if row["seed"] == 0 else None
         ax.plot([r["step"] for r in train], [r["loss"] for r in train], color=colours[row["arm"]], alpha=0.7,
