@@ -251,6 +251,17 @@ def test_export_turns_a_step_checkpoint_into_a_hugging_face_directory(small_data
     assert exported.keys() == final.keys()
     assert all(torch_equal(exported[k], final[k]) for k in final)
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
+    # the expert-parallel run's checkpoint grows like a one-process one (its layout-independent shards)
+    done = longcat(["grow", str(run), "--out", str(tmp_path / "grown")], timeout=120)
+    assert done.returncode == 0, done.stderr[-4000:]
+    from longcat.scaling.growth import source_name
+    from longcat.training.checkpointing import checkpoint_dir, load_checkpoint_model
+
+    source = load_checkpoint_model(checkpoint_dir(run)).state_dict()
+    grown = load_checkpoint_model(checkpoint_dir(tmp_path / "grown")).state_dict()
+    layers = len({k.split(".")[2] for k in source if k.startswith("model.layers.")})
+    assert len({k.split(".")[2] for k in grown if k.startswith("model.layers.")}) == 2 * layers
+    assert all(torch_equal(v, source[source_name(k, layers)]) for k, v in grown.items())
 
 
 def torch_equal(a, b) -> bool:  # noqa: ANN001
