@@ -110,7 +110,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not args.checkpoint:
             raise GenerationError("bench serve needs --checkpoint DIR (a trained checkpoint with its tokenizer)")
         result = serve.run(args.checkpoint, max_tokens=args.max_tokens, requests_per_client=args.requests,
-                           speculative=args.speculative, anchor=not args.no_anchor)  # fmt: skip
+                           speculative=args.speculative, anchor=not args.no_anchor, compile=args.compile)  # fmt: skip
         print(json.dumps(result, indent=2) if args.json else serve.report(result))
         return 0 if result["requests_failed"] == 0 else 1
     if args.name == "decode":
@@ -377,7 +377,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         checkpoint=str(root), host=args.host, port=args.port,
         served_model_name=args.served_model_name or args.checkpoint, max_batch=args.max_batch,
         max_queue=args.max_queue, speculative=args.speculative, num_draft_tokens=args.draft_tokens or 1,
-        prefill_chunk=args.prefill_chunk, max_model_len=args.max_model_len,
+        prefill_chunk=args.prefill_chunk, max_model_len=args.max_model_len, compile=args.compile,
         shutdown_timeout=args.shutdown_timeout, dtype=args.dtype,
         log_level=args.log_level,
     )  # fmt: skip
@@ -662,6 +662,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--draft-tokens", type=int, help="MTP draft tokens per round (default 1; with --speculative)")
     srv.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per engine step")
     srv.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step (one graph per batch bucket, compiled before serving)",
+    )
+    srv.add_argument(
         "--max-model-len",
         type=int,
         help="context a request may use (default: max_position_embeddings); sizes the KV cache",
@@ -693,6 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--requests", type=int, default=2, help="serve: requests per client at each level")
     bench.add_argument("--speculative", action="store_true", help="serve: our server with MTP speculation")
     bench.add_argument("--no-anchor", action="store_true", help="serve: skip transformers serve (ours only)")
+    bench.add_argument("--compile", action="store_true", help="serve: our server with --compile")
     bench.add_argument("--draft-tokens", type=int, default=1, help="decode: MTP draft tokens per round")
     bench.add_argument("--json", action="store_true")
     bench.add_argument("--preset", default="small")

@@ -216,7 +216,8 @@ def transformers_copy(checkpoint: Path, out: Path) -> Path:
 
 
 def run(checkpoint: str, max_tokens: int = 64, requests_per_client: int = 2, speculative: bool = False,
-        levels: tuple[int, ...] = LEVELS, anchor: bool = True, timeout: float = 600) -> dict:  # fmt: skip
+        levels: tuple[int, ...] = LEVELS, anchor: bool = True, timeout: float = 600,
+        compile: bool = False) -> dict:  # fmt: skip
     from ..inference.chat import CheckpointTokenizer
 
     root = Path(checkpoint)
@@ -225,12 +226,14 @@ def run(checkpoint: str, max_tokens: int = 64, requests_per_client: int = 2, spe
     eos = eos[0] if isinstance(eos, list) else eos
     threads = os.cpu_count() or 1
     result: dict = {"machine": machine(), "checkpoint": str(root), "max_tokens": max_tokens,
-                    "requests_per_client": requests_per_client, "speculative": speculative}  # fmt: skip
+                    "requests_per_client": requests_per_client, "speculative": speculative,
+                    "compile": compile}  # fmt: skip
 
     port = free_port()
     command = [sys.executable, "-m", "longcat", "serve", str(root), "--port", str(port), "--served-model-name",
                "bench", "--max-batch", str(max(levels))] + (["--speculative"] if speculative else [])  # fmt: skip
-    server = ServerProcess(command, port, _env(threads))
+    command += ["--compile"] if compile else []
+    server = ServerProcess(command, port, _env(threads), startup_s=900 if compile else 180)  # compiles first
     try:
 
         def ours(i: int) -> dict:
@@ -310,7 +313,8 @@ def report(result: dict) -> str:
         f"{'server':44} {'clients':>7} {'tok/s':>8} {'TTFT p50':>9} {'p99':>8} {'TPOT p50':>9} {'p99':>8} {'failed':>6}"
     )
     lines.append(header)
-    rows = [("longcat serve" + (" --speculative" if result["speculative"] else ""), result["longcat"])]
+    flags = (" --speculative" if result["speculative"] else "") + (" --compile" if result.get("compile") else "")
+    rows = [("longcat serve" + flags, result["longcat"])]
     for name, anchor in result.get("anchors", {}).items():
         if "levels" in anchor:
             rows.append((name, anchor["levels"]))

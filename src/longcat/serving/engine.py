@@ -110,6 +110,7 @@ class Engine:
         prefill_chunk: int = 512,
         metrics=None,  # noqa: ANN001 - serving.metrics.Metrics
         max_model_len: int | None = None,
+        compile: bool = False,
     ) -> None:
         """max_model_len: prompt + output tokens a request may reach (default and upper bound: the model's
         max_position_embeddings); the cache holds max_batch slots of about this many tokens."""
@@ -117,6 +118,10 @@ class Engine:
             raise EngineError(
                 "speculative decoding needs MTP weights (model.mtp.*); this checkpoint has none "
                 "(num_nextn_predict_layers = 0): serve without --speculative"
+            )
+        if compile and speculative:
+            raise EngineError(
+                "--compile compiles the plain decode step; with --speculative the engine decodes eagerly: choose one"
             )
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1 or num_draft_tokens < 1:
             raise EngineError(
@@ -143,6 +148,11 @@ class Engine:
         device, dtype = model.device, model.dtype
         self.cache = SlotCache(model.config, max_batch, room, device, dtype)
         self.mtp_cache = SlotCache(model.config, max_batch, room, device, dtype, sublayers=1) if speculative else None
+        self.compiled = None
+        if compile:
+            from .compiled import CompiledSteps
+
+            self.compiled = CompiledSteps(model, self.cache)
         self.running: list[Request] = []
         self.prefilling: list[Request] = []
         self.waiting: collections.deque[Request] = collections.deque()
@@ -359,10 +369,13 @@ class Engine:
                     self.metrics.speculation(self.k, hits)
                 self._deliver(request, chunk)
             return
-        last = torch.tensor([[r.output[-1]] for r in rows], device=self.model.device)  # [R, 1]
-        normed = batch.forward_rows(self.model, self.cache, 0, last)
+        if self.compiled is not None:
+            logits = self.compiled.decode([r.output[-1] for r in rows])  # [R, V]
+        else:
+            last = torch.tensor([[r.output[-1]] for r in rows], device=self.model.device)  # [R, 1]
+            logits = lm_logits(self.model, batch.forward_rows(self.model, self.cache, 0, last)[:, 0])
         batch.advance(self.cache, 0, [1] * len(rows))
-        choices = batch.choose(lm_logits(self.model, normed[:, 0]), [r.sampling for r in rows])
+        choices = batch.choose(logits, [r.sampling for r in rows])
         for request, choice in zip(rows, choices):
             self._deliver(request, [choice])
 

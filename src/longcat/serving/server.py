@@ -35,6 +35,7 @@ class ServeOptions:
     num_draft_tokens: int = 1
     prefill_chunk: int = 512
     max_model_len: int | None = None
+    compile: bool = False
     shutdown_timeout: float = 10.0
     dtype: str | None = None
     device: str | None = None
@@ -87,7 +88,12 @@ def build_state(options: ServeOptions) -> ServerState:
         model, tokenizer, max_batch=options.max_batch, max_queue=options.max_queue,
         speculative=options.speculative, num_draft_tokens=options.num_draft_tokens,
         prefill_chunk=options.prefill_chunk, metrics=metrics, max_model_len=options.max_model_len,
+        compile=options.compile,
     )  # fmt: skip
+    if engine.compiled is not None:  # before the port opens: no request waits for a compilation
+        started = time.monotonic()
+        sizes = engine.compiled.warm_up()
+        log.warning("compiled decode steps for batches of %s in %.0f s", sizes, time.monotonic() - started)
     name = options.served_model_name or options.checkpoint
     return ServerState(engine, tokenizer, name, metrics, os.environ.get("LONGCAT_API_KEY") or None)
 
