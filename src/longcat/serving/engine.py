@@ -424,7 +424,7 @@ class Engine:
         return batch.prompt_logprobs(logits[:-1], request.prompt[1:], request.params.prompt_logprobs)
 
     def _end(self, request: Request, reason: str, error: str | None = None) -> None:
-        if request.finish_reason is not None and request.finish_reason != "pending-send":
+        if request.finish_reason is not None:
             return
         request.finish_reason = reason
         text = request.text.finish() if request.text is not None and reason != "error" else ""
