@@ -91,7 +91,7 @@ def run_study(study: Study, out: Path, seeds: int = 2, quick: bool = False, data
         minutes = "under a minute" if quick else f"about {study.minutes} minutes"
         print(f"study {study.name}: {len(runs)} runs ({len(study.arms)} arms x {seeds} seeds), {minutes} on 2 CPU "
               "cores", file=sys.stderr)  # fmt: skip
-    started = time.perf_counter()
+    started, done = time.perf_counter(), 0  # done: runs trained in this call (resumed ones took no time)
     for index, (arm, seed) in enumerate(runs):
         key = f"{arm.name}/seed{seed}"
         if key in results:
@@ -104,7 +104,8 @@ def run_study(study: Study, out: Path, seeds: int = 2, quick: bool = False, data
         cfg = TrainConfig().with_overrides(_assignments({**settings, **arm.settings, "seed": seed}))
         if progress:
             elapsed = time.perf_counter() - started
-            print(f"[{index + 1}/{len(runs)}] {key} ({elapsed / 60:.1f} min so far)", file=sys.stderr)
+            left = f", about {elapsed / done * (len(runs) - index) / 60:.0f} min left" if done else ""
+            print(f"[{index + 1}/{len(runs)}] {key} ({elapsed / 60:.1f} min so far{left})", file=sys.stderr)
         if arm.run is None:
             train(cfg, run_dir, progress=progress)
         else:  # an arm that needs the results so far (width transfer) reads them from results.json
@@ -114,6 +115,7 @@ def run_study(study: Study, out: Path, seeds: int = 2, quick: bool = False, data
             measured.update(study.measure(run_dir))
         results[key] = {"arm": arm.name, "seed": seed, "run_dir": str(run_dir), **measured}
         results_path.write_text(json.dumps(results, indent=2) + "\n")
+        done += 1
     return results
 
 
