@@ -4,7 +4,8 @@ Like vLLM's RemoteOpenAIServer, every server here is a real `python -m longcat s
 free port over a random tiny checkpoint (vocabulary 384, context 4096), driven with the `openai`
 client and, where the wire format matters, raw HTTP. Covered: the model list; chat and text
 completions, whole and streamed (SSE framing, usage chunk, stream == whole for greedy decoding);
-stop strings; seeds; echo + logprobs with token-id prompts (lm-eval-harness style) checked against
+stop strings; seeds; n choices (whole and streamed, several prompts); penalties and logit_bias against
+the library's reference decoding; echo + logprobs with token-id prompts (lm-eval-harness style) checked against
 the library's forward; 16 concurrent streams; a client that disconnects mid-stream (its slot is
 freed); OpenAI-shaped errors for bad requests, a full queue and a wrong API key; and the SIGTERM
 drain (503 for new requests, running ones end with finish_reason "abort", exit status 0).
@@ -329,6 +330,69 @@ def test_seed_reproduces_sampling(client):
     assert any(sample(seed) != first for seed in (8, 9, 10))
 
 
+# --- 4b. n choices, penalties --------------------------------------------------------------------
+
+
+def test_n_choices_whole_and_streamed(client, tokenizer):
+    request = dict(model=MODEL, messages=CHAT, temperature=1, max_tokens=10, seed=3, n=3,
+                   extra_body={"ignore_eos": True})  # fmt: skip
+    whole = client.chat.completions.create(**request)
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    texts = [c.message.content for c in whole.choices]
+    assert len(set(texts)) > 1  # seeds 3, 4, 5: the choices differ
+    assert whole.usage.prompt_tokens == len(tokenizer.encode(tokenizer.chat(CHAT)))  # the prompt counted once
+    assert whole.usage.completion_tokens == 30
+    assert [c.message.content for c in client.chat.completions.create(**request).choices] == texts  # repeatable
+    single = client.chat.completions.create(**{**request, "n": 1, "seed": 4})
+    assert single.choices[0].message.content == texts[1]  # choice j is the request with seed + j
+
+    chunks = list(client.chat.completions.create(**request, stream=True, stream_options={"include_usage": True}))
+    streamed = {0: "", 1: "", 2: ""}
+    finished = set()
+    for chunk in chunks[:-1]:
+        (choice,) = chunk.choices
+        streamed[choice.index] += choice.delta.content or ""
+        if choice.finish_reason:
+            finished.add(choice.index)
+    assert [streamed[i] for i in range(3)] == texts and finished == {0, 1, 2}
+    assert chunks[-1].usage.model_dump() == whole.usage.model_dump()
+
+
+def test_n_choices_of_several_prompts(client, tokenizer):
+    prompts = ["In the beginning", "The module"]
+    response = client.completions.create(model=MODEL, prompt=prompts, temperature=0, max_tokens=5, n=2,
+                                         extra_body={"ignore_eos": True})  # fmt: skip
+    texts = [c.text for c in response.choices]
+    assert [c.index for c in response.choices] == [0, 1, 2, 3]
+    assert texts[0] == texts[1] and texts[2] == texts[3] and texts[0] != texts[2]  # greedy: prompt p at 2p, 2p + 1
+    assert response.usage.prompt_tokens == sum(len(tokenizer.encode(p)) for p in prompts)
+    assert response.usage.completion_tokens == 20
+
+
+def test_penalties_and_logit_bias(client, checkpoint, tokenizer):
+    from tests.serving.test_penalties import reference_decode
+
+    from longcat.serving.penalties import Penalties
+
+    model = LongcatForCausalLM.from_pretrained(checkpoint).eval()
+    prompt = tokenizer.encode("In the beginning")
+    request = dict(model=MODEL, prompt=prompt, temperature=0, max_tokens=12, logprobs=0)
+    plain = client.completions.create(**request, extra_body={"ignore_eos": True}).choices[0]
+    first = reference_decode(model, prompt, 1, Penalties())[0]
+    banned = client.completions.create(**request, logit_bias={str(first): -100},
+                                       extra_body={"ignore_eos": True}).choices[0]  # fmt: skip
+    assert banned.logprobs.token_logprobs[0] < plain.logprobs.token_logprobs[0]  # the runner-up was chosen
+    cases = [  # request fields, the same as Penalties
+        ({"frequency_penalty": 1.5}, Penalties(frequency=1.5)),
+        ({"presence_penalty": 1.0, "logit_bias": {str(first): 3}}, Penalties(presence=1.0, bias=((first, 3.0),))),
+        ({"extra_body": {"ignore_eos": True, "repetition_penalty": 1.3}}, Penalties(repetition=1.3)),
+    ]
+    for fields, penalties in cases:
+        extra = fields.pop("extra_body", {"ignore_eos": True})
+        text = client.completions.create(**request, **fields, extra_body=extra).choices[0].text
+        assert text == tokenizer.decode(reference_decode(model, prompt, 12, penalties)), fields
+
+
 # --- 5. echo + logprobs --------------------------------------------------------------------------
 
 
@@ -417,8 +481,21 @@ BAD_REQUESTS = {  # name: (endpoint, body, status, param, code)
     "max_tokens 0": ("chat/completions", {"messages": CHAT, "max_tokens": 0}, 400, "max_tokens", None),
     "temperature -1": ("chat/completions", {"messages": CHAT, "temperature": -1}, 400, "temperature", None),
     "unknown model": ("chat/completions", {"messages": CHAT, "model": "gpt-4"}, 404, "model", "model_not_found"),
-    "n 2": ("chat/completions", {"messages": CHAT, "n": 2}, 400, "n", None),
-    "penalty": ("chat/completions", {"messages": CHAT, "frequency_penalty": 0.5}, 400, "frequency_penalty", None),
+    "n 0": ("chat/completions", {"messages": CHAT, "n": 0}, 400, "n", None),
+    "n 129": ("completions", {"prompt": "In the", "n": 129}, 400, "n", None),
+    "penalty 3": ("chat/completions", {"messages": CHAT, "frequency_penalty": 3}, 400, "frequency_penalty", None),
+    "repetition 0": ("completions", {"prompt": "In the", "repetition_penalty": 0}, 400, "repetition_penalty", None),
+    "bias key": ("chat/completions", {"messages": CHAT, "logit_bias": {"the": 5}}, 400, "logit_bias", None),
+    "bias value": ("chat/completions", {"messages": CHAT, "logit_bias": {"7": 101}}, 400, "logit_bias", None),
+    "bias token": ("completions", {"prompt": "In the", "logit_bias": {"384": 1}}, 400, "logit_bias", None),
+    "min_p 2": ("completions", {"prompt": "In the", "min_p": 2}, 400, "min_p", None),
+    "json mode": (
+        "chat/completions",
+        {"messages": CHAT, "response_format": {"type": "json_object"}},
+        400,
+        "response_format",
+        "unsupported_parameter",
+    ),
     "five stops": ("chat/completions", {"messages": CHAT, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
     "completion max_tokens 0": ("completions", {"prompt": "In the", "max_tokens": 0}, 400, "max_tokens", None),
     "token out of vocabulary": ("completions", {"prompt": [5, 384], "max_tokens": 2}, 400, "prompt", None),
@@ -439,7 +516,8 @@ def test_invalid_json(server):
 
 
 def test_neutral_unsupported_value_is_accepted(client):
-    response = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, frequency_penalty=0)
+    response = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2,
+                                              response_format={"type": "text"})  # fmt: skip
     assert response.choices[0].finish_reason in ("stop", "length")
 
 

@@ -1,4 +1,4 @@
-"""Token selection: greedy, or sampling with temperature, top-k and top-p (nucleus).
+"""Token selection: greedy, or sampling with temperature, top-k, top-p (nucleus) and min-p.
 
 Legend: B batch, V vocabulary.
 """
@@ -17,6 +17,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
+    min_p: float | None = None  # drop tokens less likely than min_p times the most likely one
 
     def validate(self) -> SamplingParams:
         if not math.isfinite(self.temperature) or self.temperature < 0:
@@ -27,11 +28,13 @@ class SamplingParams:
             raise ValueError(f"top_k must be positive, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must lie in [0, 1], got {self.min_p}")
         return self
 
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """logits [..., V] -> the distribution actually sampled from (fp32), after temperature, top-k, top-p.
+    """logits [..., V] -> the distribution actually sampled from (fp32), after temperature, top-k, min-p, top-p.
     Greedy decoding is the one-hot distribution on the argmax."""
     logits = logits.float()
     if not params.do_sample:
@@ -41,6 +44,10 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = logits.softmax(-1)
+    if params.min_p:
+        floor = params.min_p * probs.amax(-1, keepdim=True)
+        probs = probs.masked_fill(probs < floor, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
     if params.top_p is not None and params.top_p < 1:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # keep the smallest prefix whose mass reaches top_p (the first token always stays)

@@ -8,6 +8,8 @@ Every error is `{"error": {"message", "type", "param", "code"}}` with OpenAI's s
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import json
 import time
 import uuid
@@ -20,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..inference.generate import GenerationError
 from .batch import Choice
-from .engine import Engine, EngineError, Output, QueueFull
+from .engine import Engine, EngineError, Output, QueueFull, RequestParams
 from .engine import Request as EngineRequest
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest, RequestError
@@ -70,42 +72,52 @@ class ServerState:
 
 
 class Submission:
-    """One engine request seen from the event loop: outputs arrive on an asyncio queue."""
+    """The engine requests of one HTTP request (each prompt's n choices) seen from the event loop: their
+    outputs arrive on one asyncio queue as (choice index, Output)."""
 
-    def __init__(self, state: ServerState, prompt: list[int], params) -> None:  # noqa: ANN001
+    def __init__(self, state: ServerState, items: list[tuple[list[int], RequestParams]]) -> None:
         self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[Output] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
         self.state = state
-        self.request: EngineRequest = state.engine.submit(prompt, params, self._sink)
-        self.done = False
+        self.requests: list[EngineRequest] = []
+        self.open: set[int] = set()
+        try:
+            for index, (prompt, params) in enumerate(items):
+                self.requests.append(state.engine.submit(prompt, params, functools.partial(self._sink, index)))
+                self.open.add(index)
+        except Exception:  # a full queue part-way: the choices already queued go too
+            self.cancel()
+            raise
 
-    def _sink(self, out: Output) -> None:  # the engine thread
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
+    def _sink(self, index: int, out: Output) -> None:  # the engine thread
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, out))
 
-    async def outputs(self, client: Request | None = None) -> AsyncIterator[Output]:
-        """The engine's outputs until the last. With `client` (a whole, non-streamed response) the
-        connection is checked every DISCONNECT_POLL_S whether or not outputs arrive, and a client that
-        went away cancels the request (a stream's generator is cancelled by Starlette instead)."""
+    async def outputs(self, client: Request | None = None) -> AsyncIterator[tuple[int, Output]]:
+        """The engine's outputs until every choice's last. With `client` (a whole, non-streamed response)
+        the connection is checked every DISCONNECT_POLL_S whether or not outputs arrive, and a client that
+        went away cancels the requests (a stream's generator is cancelled by Starlette instead)."""
         next_check = time.monotonic() + DISCONNECT_POLL_S
-        while not self.done:
+        while self.open:
             try:
-                out = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
+                item = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
-                out = None
+                item = None
             if client is not None and time.monotonic() >= next_check:
                 next_check = time.monotonic() + DISCONNECT_POLL_S
                 if await client.is_disconnected():
                     self.cancel()
                     return
-            if out is None:
+            if item is None:
                 continue
-            self.done = out.finish_reason is not None
-            yield out
+            index, out = item
+            if out.finish_reason is not None:
+                self.open.discard(index)
+            yield index, out
 
     def cancel(self) -> None:
-        if not self.done:
-            self.state.engine.cancel(self.request)
-            self.done = True
+        for index in sorted(self.open):
+            self.state.engine.cancel(self.requests[index])
+        self.open.clear()
 
 
 def token_text(tokenizer, token: int) -> str:  # noqa: ANN001
@@ -114,6 +126,20 @@ def token_text(tokenizer, token: int) -> str:  # noqa: ANN001
 
 def usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def total_usage(lasts: dict[int, Output], n: int) -> dict:
+    """Each prompt counted once (choice index p * n + j belongs to prompt p), every completion."""
+    prompt = sum(out.prompt_tokens for index, out in lasts.items() if index % n == 0)
+    return usage(prompt, sum(out.completion_tokens for out in lasts.values()))
+
+
+def choice_params(params: RequestParams, n: int) -> list[RequestParams]:
+    """A prompt's n choices: seeded requests get seeds seed, seed + 1, ..., so each choice differs and the
+    request as a whole repeats."""
+    if params.seed is None:
+        return [params] * n
+    return [dataclasses.replace(params, seed=params.seed + j) for j in range(n)]
 
 
 def chat_logprobs(tokenizer, choices: list[Choice]) -> dict:  # noqa: ANN001
@@ -192,7 +218,7 @@ def create_app(state: ServerState) -> FastAPI:
         params = body.engine_params(body.limit(), len(prompt), state.engine.context)
         if body.logprobs:
             params.logprobs = body.top_logprobs or 0
-        submission = submit(state, prompt, params)
+        submission = submit(state, [(prompt, p) for p in choice_params(params, body.n or 1)])
         if body.stream:
             return sse(chat_stream(state, body, submission))
         return await chat_whole(state, body, submission, client)
@@ -204,21 +230,17 @@ def create_app(state: ServerState) -> FastAPI:
         prompts = [p if isinstance(p, list) else state.tokenizer.encode(p) for p in body.prompts()]
         if body.stream and len(prompts) > 1:
             raise RequestError("stream = true takes one prompt per request", param="prompt")
-        submissions = []
-        try:
-            for ids in prompts:
-                params = body.engine_params(body.max_tokens, len(ids), state.engine.context)
-                params.logprobs = body.logprobs
-                if body.echo and body.logprobs is not None:
-                    params.prompt_logprobs = body.logprobs
-                submissions.append(submit(state, ids, params))
-        except Exception:
-            for submission in submissions:
-                submission.cancel()
-            raise
+        items = []
+        for ids in prompts:
+            params = body.engine_params(body.max_tokens, len(ids), state.engine.context)
+            params.logprobs = body.logprobs
+            if body.echo and body.logprobs is not None:
+                params.prompt_logprobs = body.logprobs
+            items += [(ids, p) for p in choice_params(params, body.n or 1)]
+        submission = submit(state, items)
         if body.stream:
-            return sse(completion_stream(state, body, submissions[0]))
-        return await completion_whole(state, body, submissions, client)
+            return sse(completion_stream(state, body, submission))
+        return await completion_whole(state, body, submission, client)
 
     return app
 
@@ -229,9 +251,9 @@ def check_model(state: ServerState, model: str | None) -> None:
                            param="model", code="model_not_found", status=404)  # fmt: skip
 
 
-def submit(state: ServerState, prompt: list[int], params) -> Submission:  # noqa: ANN001
+def submit(state: ServerState, items: list[tuple[list[int], RequestParams]]) -> Submission:
     try:
-        return Submission(state, prompt, params)
+        return Submission(state, items)
     except EngineError as err:
         raise RequestError(str(err), param=err.param, code=err.code) from err
     except QueueFull as err:
@@ -255,69 +277,84 @@ async def chat_stream(state: ServerState, body: ChatCompletionRequest, submissio
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
             "model": state.model_name}  # fmt: skip
 
-    def chunk(delta: dict, finish: str | None = None, logprobs: dict | None = None) -> dict:
-        return {**head, "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+    def chunk(index: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> dict:
+        return {**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
 
-    tools = ToolCallStream() if body.uses_tools else None
-    calls = 0
-    last: Output | None = None
+    choices = len(submission.requests)
+    tools = {i: ToolCallStream() for i in range(choices)} if body.uses_tools else None
+    calls = dict.fromkeys(range(choices), 0)
+    lasts: dict[int, Output] = {}
     try:
-        yield chunk({"role": "assistant", "content": ""})
-        async for out in submission.outputs():
-            last = out
+        for index in range(choices):
+            yield chunk(index, {"role": "assistant", "content": ""})
+        async for index, out in submission.outputs():
+            lasts[index] = out
             if out.finish_reason == "error":
                 yield failure(out)
                 break
-            text, new_calls = tools.push(out.text) if tools else (out.text, [])
+            text, new_calls = tools[index].push(out.text) if tools else (out.text, [])
             if out.finish_reason is not None and tools:
-                more, _ = tools.finish()
+                more, _ = tools[index].finish()
                 text += more
             logprobs = chat_logprobs(state.tokenizer, out.logprobs) if out.logprobs else None
             if text or logprobs:
-                yield chunk({"content": text}, logprobs=logprobs)
+                yield chunk(index, {"content": text}, logprobs=logprobs)
             for call in new_calls:
-                yield chunk({"tool_calls": [call.to_openai(calls)]})
-                calls += 1
+                yield chunk(index, {"tool_calls": [call.to_openai(calls[index])]})
+                calls[index] += 1
             if out.finish_reason is not None:
-                reason = "tool_calls" if calls and out.finish_reason == "stop" else out.finish_reason
-                yield chunk({}, reason)
-        if last is not None and body.stream_options and body.stream_options.include_usage:
-            yield {**head, "choices": [], "usage": usage(last.prompt_tokens, last.completion_tokens)}
+                reason = "tool_calls" if calls[index] and out.finish_reason == "stop" else out.finish_reason
+                yield chunk(index, {}, reason)
+        if lasts and body.stream_options and body.stream_options.include_usage:
+            yield {**head, "choices": [], "usage": total_usage(lasts, choices)}
         yield "[DONE]"
     finally:
-        submission.cancel()  # a client gone mid-stream: the engine frees its slot at the next step
+        submission.cancel()  # a client gone mid-stream: the engine frees the slots at the next step
+
+
+async def whole_outputs(submission: Submission, client: Request) -> dict[int, list[Output]] | None:
+    """Every choice's outputs, or None when the client went away."""
+    outs: dict[int, list[Output]] = {i: [] for i in range(len(submission.requests))}
+    try:
+        async for index, out in submission.outputs(client):
+            outs[index].append(out)
+    finally:
+        submission.cancel()
+    if any(not o or o[-1].finish_reason is None for o in outs.values()):
+        return None
+    return outs
 
 
 async def chat_whole(state: ServerState, body: ChatCompletionRequest, submission: Submission,
                      client: Request) -> Response:  # fmt: skip
-    text, logprobs, last = [], [], None
-    async for out in submission.outputs(client):
-        text.append(out.text)
-        logprobs.extend(out.logprobs)
-        last = out
-    if last is None:  # the client went away
+    outs = await whole_outputs(submission, client)
+    if outs is None:  # the client went away
         return Response(status_code=499)
-    if last.finish_reason == "error":
-        return JSONResponse(failure(last), status_code=500)
-    content, calls = "".join(text), []
-    if body.uses_tools:
-        from .tool_calls import parse_tool_calls
+    choices = []
+    for index, chunks in outs.items():
+        last = chunks[-1]
+        if last.finish_reason == "error":
+            return JSONResponse(failure(last), status_code=500)
+        content, calls = "".join(o.text for o in chunks), []
+        if body.uses_tools:
+            from .tool_calls import parse_tool_calls
 
-        content, calls = parse_tool_calls(content)
-    message = {"role": "assistant", "content": content if content or not calls else None}
-    if calls:
-        message["tool_calls"] = [call.to_openai() for call in calls]
-    reason = "tool_calls" if calls and last.finish_reason == "stop" else last.finish_reason
-    choice = {"index": 0, "message": message, "logprobs": chat_logprobs(state.tokenizer, logprobs)
-              if body.logprobs else None, "finish_reason": reason}  # fmt: skip
+            content, calls = parse_tool_calls(content)
+        message = {"role": "assistant", "content": content if content or not calls else None}
+        if calls:
+            message["tool_calls"] = [call.to_openai() for call in calls]
+        reason = "tool_calls" if calls and last.finish_reason == "stop" else last.finish_reason
+        logprobs = [c for o in chunks for c in o.logprobs]
+        choices.append({"index": index, "message": message, "logprobs": chat_logprobs(state.tokenizer, logprobs)
+                        if body.logprobs else None, "finish_reason": reason})  # fmt: skip
+    lasts = {index: chunks[-1] for index, chunks in outs.items()}
     return JSONResponse({"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
-                         "created": int(time.time()), "model": state.model_name, "choices": [choice],
-                         "usage": usage(last.prompt_tokens, last.completion_tokens)})  # fmt: skip
+                         "created": int(time.time()), "model": state.model_name, "choices": choices,
+                         "usage": total_usage(lasts, len(choices))})  # fmt: skip
 
 
-def echo_prefix(state: ServerState, submission: Submission, first: Output, logprobs: bool) -> tuple[str, list]:
+def echo_prefix(state: ServerState, prompt: list[int], first: Output, logprobs: bool) -> tuple[str, list]:
     """The prompt's text and, with logprobs, its tokens' entries (the first has no log-probability)."""
-    prompt = submission.request.prompt
     text = state.tokenizer.decode(prompt)
     if not logprobs:
         return text, []
@@ -328,51 +365,49 @@ def echo_prefix(state: ServerState, submission: Submission, first: Output, logpr
 async def completion_stream(state: ServerState, body: CompletionRequest, submission: Submission) -> AsyncIterator:
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": state.model_name}  # fmt: skip
-    offset, first, last = 0, True, None
+    offsets: dict[int, int] = {}
+    lasts: dict[int, Output] = {}
     try:
-        async for out in submission.outputs():
-            last = out
+        async for index, out in submission.outputs():
+            lasts[index] = out
             if out.finish_reason == "error":
                 yield failure(out)
                 break
             text, entries = out.text, list(out.logprobs)
-            if first and body.echo:
-                prefix, prompt_entries = echo_prefix(state, submission, out, body.logprobs is not None)
+            if index not in offsets and body.echo:
+                prompt = submission.requests[index].prompt
+                prefix, prompt_entries = echo_prefix(state, prompt, out, body.logprobs is not None)
                 text, entries = prefix + text, prompt_entries + entries
-            first = False
+            offset = offsets.get(index, 0)
             logprobs = completion_logprobs(state.tokenizer, entries, offset) if body.logprobs is not None else None
-            offset += len(text)
-            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason}
+            offsets[index] = offset + len(text)
+            choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason}
             yield {**head, "choices": [choice]}
-        if last is not None and body.stream_options and body.stream_options.include_usage:
-            yield {**head, "choices": [], "usage": usage(last.prompt_tokens, last.completion_tokens)}
+        if lasts and body.stream_options and body.stream_options.include_usage:
+            yield {**head, "choices": [], "usage": total_usage(lasts, len(submission.requests))}
         yield "[DONE]"
     finally:
         submission.cancel()
 
 
-async def completion_whole(state: ServerState, body: CompletionRequest, submissions: list[Submission],
+async def completion_whole(state: ServerState, body: CompletionRequest, submission: Submission,
                            client: Request) -> Response:  # fmt: skip
-    choices, prompt_tokens, completion_tokens = [], 0, 0
-    try:
-        for index, submission in enumerate(submissions):
-            outs = [out async for out in submission.outputs(client)]
-            if not outs:
-                return Response(status_code=499)
-            last = outs[-1]
-            if last.finish_reason == "error":
-                return JSONResponse(failure(last), status_code=500)
-            text, entries = "".join(o.text for o in outs), [c for o in outs for c in o.logprobs]
-            if body.echo:
-                prefix, prompt_entries = echo_prefix(state, submission, outs[0], body.logprobs is not None)
-                text, entries = prefix + text, prompt_entries + entries
-            logprobs = completion_logprobs(state.tokenizer, entries, 0) if body.logprobs is not None else None
-            choices.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": last.finish_reason})
-            prompt_tokens += last.prompt_tokens
-            completion_tokens += last.completion_tokens
-    finally:
-        for submission in submissions:
-            submission.cancel()
+    outs = await whole_outputs(submission, client)
+    if outs is None:
+        return Response(status_code=499)
+    choices = []
+    for index, chunks in outs.items():
+        last = chunks[-1]
+        if last.finish_reason == "error":
+            return JSONResponse(failure(last), status_code=500)
+        text, entries = "".join(o.text for o in chunks), [c for o in chunks for c in o.logprobs]
+        if body.echo:
+            prompt = submission.requests[index].prompt
+            prefix, prompt_entries = echo_prefix(state, prompt, chunks[0], body.logprobs is not None)
+            text, entries = prefix + text, prompt_entries + entries
+        logprobs = completion_logprobs(state.tokenizer, entries, 0) if body.logprobs is not None else None
+        choices.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": last.finish_reason})
+    lasts = {index: chunks[-1] for index, chunks in outs.items()}
     return JSONResponse({"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                          "model": state.model_name, "choices": choices,
-                         "usage": usage(prompt_tokens, completion_tokens)})  # fmt: skip
+                         "usage": total_usage(lasts, body.n or 1)})  # fmt: skip

@@ -17,6 +17,7 @@ from ..inference.kv_cache import SlotCache
 from ..inference.sampling import SamplingParams, probabilities
 from ..inference.speculative import accept_drafts
 from ..model.lm import LongcatForCausalLM
+from .penalties import PenaltyState
 
 
 @dataclass
@@ -26,6 +27,11 @@ class RowSampling:
     params: SamplingParams
     generator: torch.Generator | None
     top_logprobs: int | None = None  # None: no log-probabilities; n >= 0: the chosen token's and n more
+    penalties: PenaltyState | None = None  # presence/frequency/repetition penalties and logit_bias
+
+    def adjusted(self, logits: torch.Tensor, ahead: list[int] | tuple = ()) -> torch.Tensor:
+        """The logits [V] this row chooses from (its penalties applied; the model's own without any)."""
+        return logits if self.penalties is None else self.penalties.apply(logits, ahead)
 
 
 @dataclass
@@ -72,16 +78,16 @@ def advance(cache: SlotCache, first: int, counts: list[int]) -> None:
 
 
 def choose(logits: torch.Tensor, rows: list[RowSampling]) -> list[Choice]:
-    """logits [B, V] -> one Choice per row: greedy rows by one batched argmax, sampled rows each with
-    its own settings and generator."""
+    """logits [B, V] -> one Choice per row: greedy rows without penalties by one batched argmax, the
+    others each with its own settings, penalties and generator."""
     greedy = logits.argmax(-1).tolist()
     choices = []
     for b, row in enumerate(rows):
         if row.params.do_sample:
-            probs = probabilities(logits[b], row.params)
+            probs = probabilities(row.adjusted(logits[b]), row.params)
             token = int(torch.multinomial(probs, 1, generator=row.generator))
         else:
-            token = greedy[b]
+            token = greedy[b] if row.penalties is None else int(row.adjusted(logits[b]).argmax())
         choices.append(describe(logits[b], token, row.top_logprobs))
     return choices
 
@@ -143,9 +149,12 @@ def speculation_round(
         token = q_logits.argmax(-1)
         probs = [None] * B
         for b, row in enumerate(rows):
+            ahead = [int(d[b]) for d in drafts] if row.penalties is not None else ()
             if row.params.do_sample:
-                probs[b] = probabilities(q_logits[b], row.params)
+                probs[b] = probabilities(row.adjusted(q_logits[b], ahead), row.params)
                 token[b] = torch.multinomial(probs[b], 1, generator=row.generator)[0]
+            elif row.penalties is not None:
+                token[b] = row.adjusted(q_logits[b], ahead).argmax()
         drafts.append(token)
         draft_probs.append(probs)
         if j < k - 1:  # drafts' MTP entries sit past the true ones: masked, then overwritten
@@ -162,7 +171,10 @@ def speculation_round(
     out, accepted_counts, next_pending = [], [], []
     for b, row in enumerate(rows):
         probs = [draft_probs[j][b] for j in range(k)]
-        accepted, token = accept_drafts(logits[b], drafted[b], probs, row.params, row.generator)
+        target = logits[b]
+        if row.penalties is not None:  # position j follows the drafts before it
+            target = torch.stack([row.adjusted(logits[b, j], drafted[b][:j]) for j in range(k + 1)])
+        accepted, token = accept_drafts(target, drafted[b], probs, row.params, row.generator)
         tokens = [*drafted[b][:accepted], int(token)]
         out.append([describe(logits[b, j], t, row.top_logprobs) for j, t in enumerate(tokens)])
         accepted_counts.append(accepted)

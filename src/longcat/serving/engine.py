@@ -39,6 +39,7 @@ from ..model.lm import LongcatForCausalLM
 from . import batch
 from .batch import Choice, Pending, RowSampling
 from .detokenize import TextStream
+from .penalties import Penalties, PenaltyState
 
 
 class EngineError(ValueError):
@@ -62,6 +63,7 @@ class RequestParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # per generated token: None off, n >= 0 the chosen one's and n alternatives
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (OpenAI `echo` with `logprobs`)
+    penalties: Penalties = field(default_factory=Penalties)
 
 
 @dataclass
@@ -172,6 +174,10 @@ class Engine:
         vocab = self.model.config.vocab_size
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise EngineError(f"prompt token ids must lie in [0, {vocab})", param="prompt")
+        outside = [token for token, _ in params.penalties.bias if not 0 <= token < vocab]
+        if outside:
+            raise EngineError(f"logit_bias names token id {outside[0]}, outside the vocabulary [0, {vocab})",
+                              param="logit_bias")  # fmt: skip
         if params.max_tokens < 1:
             raise EngineError(f"max_tokens must be at least 1, got {params.max_tokens}", param="max_tokens")
         if len(prompt) + params.max_tokens > self.context:
@@ -316,6 +322,9 @@ class Engine:
         if params.seed is not None:
             generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
         request.sampling = RowSampling(params.sampling, generator, params.logprobs)
+        if params.penalties.active:
+            vocab = self.model.config.vocab_size
+            request.sampling.penalties = PenaltyState(params.penalties, request.prompt, vocab, self.model.device)
         request.text = TextStream(self.tokenizer.decode, params.stop)
 
     def _prefill(self) -> None:
@@ -396,6 +405,8 @@ class Engine:
                     break
             tokens = [c.token for c in kept if params.ignore_eos or c.token not in self.eos]
             request.output.extend(c.token for c in kept)
+            if request.sampling.penalties is not None:
+                request.sampling.penalties.record([c.token for c in kept])
             text = request.text.push(tokens)
             if request.text.stopped:
                 reason = "stop"

@@ -2,7 +2,8 @@
 
 Fields OpenAI defines that we do not implement are refused (400, naming the field) unless they hold
 their neutral value (`UNSUPPORTED`); fields nobody defines are ignored (`extra="allow"`), as OpenAI
-clients add their own. Extensions beyond OpenAI: `top_k` and `ignore_eos` (vLLM's names).
+clients add their own. Extensions beyond OpenAI: `top_k`, `min_p`, `repetition_penalty` and `ignore_eos`
+(vLLM's names).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..inference.sampling import SamplingParams
 from .engine import RequestParams
+from .penalties import Penalties
 
 
 class RequestError(ValueError):
@@ -25,10 +27,6 @@ class RequestError(ValueError):
 
 # field -> the values that mean "not used" (a request may send them; anything else is refused)
 UNSUPPORTED: dict[str, tuple] = {
-    "frequency_penalty": (None, 0, 0.0),
-    "presence_penalty": (None, 0, 0.0),
-    "repetition_penalty": (None, 1, 1.0),
-    "logit_bias": (None, {}),
     "response_format": (None, {"type": "text"}),
     "best_of": (None, 1),
     "suffix": (None, ""),
@@ -38,9 +36,9 @@ UNSUPPORTED: dict[str, tuple] = {
     "prediction": (None,),
     "audio": (None,),
     "modalities": (None, ["text"]),
-    "min_p": (None, 0, 0.0),
 }
 MAX_STOP = 4
+MAX_N = 128  # choices per prompt (OpenAI's limit)
 MAX_TOP_LOGPROBS = 20
 
 
@@ -119,6 +117,11 @@ class SamplingFields(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    min_p: float | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
@@ -133,13 +136,8 @@ class SamplingFields(BaseModel):
                     param=name,
                     code="unsupported_parameter",
                 )
-        if self.n not in (None, 1):
-            raise RequestError(
-                f"n = {self.n} is not supported: this server returns one choice per prompt; send n = 1 and "
-                "repeat the request for more samples",
-                param="n",
-                code="unsupported_parameter",
-            )
+        if self.n is not None and not 1 <= self.n <= MAX_N:
+            raise RequestError(f"n must lie in [1, {MAX_N}], got {self.n}", param="n")
         if self.stream_options is not None and not self.stream:
             raise RequestError("stream_options is only allowed with stream = true", param="stream_options")
 
@@ -167,13 +165,37 @@ class SamplingFields(BaseModel):
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stop) > MAX_STOP:
             raise RequestError(f"stop takes at most {MAX_STOP} strings, got {len(stop)}", param="stop")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise RequestError(f"min_p must lie in [0, 1], got {self.min_p}", param="min_p")
         top_k = self.top_k if self.top_k not in (None, 0, -1) else None
         sampling = SamplingParams(
             do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0, top_k=top_k,
-            top_p=self.top_p,
+            top_p=self.top_p, min_p=self.min_p or None,
         )  # fmt: skip
         return RequestParams(max_tokens=max_tokens, sampling=sampling, seed=self.seed, stop=stop,
-                             ignore_eos=self.ignore_eos)  # fmt: skip
+                             ignore_eos=self.ignore_eos, penalties=self.penalties())  # fmt: skip
+
+    def penalties(self) -> Penalties:
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if value is not None and not -2 <= value <= 2:
+                raise RequestError(f"{name} must lie in [-2, 2], got {value}", param=name)
+        repetition = 1.0 if self.repetition_penalty is None else self.repetition_penalty
+        if not 0 < repetition <= 10:
+            raise RequestError(f"repetition_penalty must lie in (0, 10] (1: none), got {repetition}",
+                               param="repetition_penalty")  # fmt: skip
+        bias = []
+        for key, value in (self.logit_bias or {}).items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise RequestError(f"logit_bias keys are token ids, got {key!r}", param="logit_bias") from None
+            if not -100 <= value <= 100:
+                raise RequestError(f"logit_bias values must lie in [-100, 100], got {value} for token {token}",
+                                   param="logit_bias")  # fmt: skip
+            bias.append((token, float(value)))
+        return Penalties(presence=self.presence_penalty or 0.0, frequency=self.frequency_penalty or 0.0,
+                         repetition=repetition, bias=tuple(bias))  # fmt: skip
 
 
 class ChatCompletionRequest(SamplingFields):
