@@ -12,25 +12,13 @@ import math
 from pathlib import Path
 
 from ..training.config import TrainConfig
-from . import allocation, drift
+from . import adam_eps, allocation
 from .runner import Arm, Study
 
 FULL = {"preset": "tiny", "max_steps": 300, "batch_size": 16, "seq_len": 256, "eval_every": 100,
         "eval_batches": 8, "log_every": 10}  # fmt: skip
 QUICK = {"max_steps": 3, "batch_size": 4, "seq_len": 32, "eval_every": 3, "eval_batches": 1, "log_every": 1,
          "warmup_steps": 1, "mtp_start_step": 1}  # fmt: skip
-
-
-def gradient_rms(run_dir: Path) -> dict:
-    """The gradient's RMS over all parameters at the last logged step: grad_norm / sqrt(parameters)."""
-    config = json.loads((run_dir / "model_config.json").read_text())
-    from ..accounting import model_report
-    from ..config import LongcatConfig
-
-    params = model_report(LongcatConfig.from_dict(config)).total_params
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    norms = [r["grad_norm"] for r in rows if r.get("grad_norm") is not None]
-    return {"grad_rms": norms[-1] / math.sqrt(params) if norms else None}
 
 
 ZERO_EXPERTS = Study(
@@ -79,82 +67,19 @@ MLA_SCALE = Study(
     quick=QUICK,
 )
 
-DRIFT_STEPS = 24  # the rounding-drift pair's length (steps of the arm's own schedule)
-EPS_ARMS = ((1e-16, 128), (1e-12, 128), (1e-8, 128), (1e-6, 128), (1e-4, 128), (1e-3, 128), (1e-16, 256),
-            (1e-6, 256), (1e-4, 256))  # fmt: skip
-
-
-def _power(eps: float) -> str:
-    return f"1e{round(math.log10(eps))}"
-
-
-def _eps_arm(eps: float, width: int) -> Arm:
-    settings = {"adam_eps": eps} if width == 128 else {"adam_eps": eps, "model.hidden_size": width}
-    return Arm(f"eps-{_power(eps)}" + ("" if width == 128 else f"-w{width}"), settings,
-               run=drift.drift_measured_arm(DRIFT_STEPS))  # fmt: skip
-
-
-def _eps_measure(run_dir: Path) -> dict:
-    return {**gradient_rms(run_dir), **drift.read_drift(run_dir)}
-
-
-def _eps_compare(results: dict) -> tuple[str, str]:
-    """A: epsilon 1e-16; B: the width-128 arm whose epsilon is nearest (in log) the gradient RMS that A measured,
-    the claim's "epsilon comparable to the gradient RMS"."""
-    rms = [r["grad_rms"] for r in results.values() if r["arm"] == "eps-1e-16" and r.get("grad_rms")]
-    if not rms:
-        return "eps-1e-16", "eps-1e-4"
-    target = math.log10(sum(rms) / len(rms))
-    eps = min((e for e, width in EPS_ARMS if width == 128), key=lambda e: abs(math.log10(e) - target))
-    return "eps-1e-16", f"eps-{_power(eps)}"
-
-
-def _eps_table(results: dict) -> list[str]:
-    """Loss, gradient RMS and rounding drift against epsilon, per width (means over seeds)."""
-
-    def mean(rows: list[dict], key: str) -> float | None:
-        values = [r[key] for r in rows if r.get(key) is not None]
-        return sum(values) / len(values) if values else None
-
-    def cell(value: float | None, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
-
-    lines = ["## Epsilon against the gradient's RMS, and rounding drift (means over seeds)", "",
-             f"Drift: the arm's first {DRIFT_STEPS} steps run twice in one process, the second with every initial "
-             "weight nudged by one ulp; ||w_a - w_b|| / ||w_a|| per parameter tensor (median and worst over "
-             "tensors) and the gap between the two runs' losses at that step.", "",
-             "| width | epsilon | val_loss | grad RMS | epsilon / grad RMS | drift median | drift worst | worst tensor "
-             "| loss gap |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for eps, width in EPS_ARMS:
-        arm = _eps_arm(eps, width).name
-        rows = [r for r in results.values() if r["arm"] == arm]
-        if not rows:
-            continue
-        rms = mean(rows, "grad_rms")
-        ratio = eps / rms if rms else None
-        worst = sorted({r.get("drift_worst_tensor") for r in rows if r.get("drift_worst_tensor")})
-        lines.append(
-            f"| {width} | {_power(eps)} | {cell(mean(rows, 'val_loss'), '.4f')} | {cell(rms, '.2e')} "
-            f"| {cell(ratio, '.2g')} "
-            f"| {cell(mean(rows, 'drift_median'), '.1e')} | {cell(mean(rows, 'drift_max'), '.1e')} "
-            f"| {', '.join(f'`{w}`' for w in worst) or '-'} | {cell(mean(rows, 'drift_loss'), '.1e')} |"
-        )
-    return [*lines, ""]
-
-
 ADAM_EPS = Study(
     name="adam-eps",
     question="Where does Adam's epsilon start to hurt, relative to the gradient's RMS, at two widths; and how far "
     "do two runs that differ only in floating-point rounding drift apart at each epsilon?",
     claim="Fig. 7 / §3.1.3: an epsilon comparable to the gradient RMS degrades the loss; the paper sets it to "
     "1e-16, far below the RMS of large models' gradients.",
-    arms=[_eps_arm(eps, width) for eps, width in EPS_ARMS],
+    arms=[adam_eps.eps_arm(eps, width) for eps, width in adam_eps.EPS_ARMS],
     base={**FULL, "max_steps": 150, "seq_len": 128, "eval_every": 75},
     quick=QUICK,
     claimed_sign=+1,
-    choose=_eps_compare,
-    measure=_eps_measure,
-    report_extra=_eps_table,
+    choose=adam_eps.compare,
+    measure=adam_eps.measure,
+    report_extra=adam_eps.report_lines,
     minutes=40,
     notes=[
         "The verdict compares, at width 128, epsilon 1e-16 (A) with the arm whose epsilon is nearest the gradient "
