@@ -483,6 +483,7 @@ BAD_REQUESTS = {  # name: (endpoint, body, status, param, code)
     "unknown model": ("chat/completions", {"messages": CHAT, "model": "gpt-4"}, 404, "model", "model_not_found"),
     "n 0": ("chat/completions", {"messages": CHAT, "n": 0}, 400, "n", None),
     "n 129": ("completions", {"prompt": "In the", "n": 129}, 400, "n", None),
+    "n beyond the queue": ("completions", {"prompt": "In the", "n": 100}, 400, "n", None),  # 16 + 64 fit
     "penalty 3": ("chat/completions", {"messages": CHAT, "frequency_penalty": 3}, 400, "frequency_penalty", None),
     "repetition 0": ("completions", {"prompt": "In the", "repetition_penalty": 0}, 400, "repetition_penalty", None),
     "bias key": ("chat/completions", {"messages": CHAT, "logit_bias": {"the": 5}}, 400, "logit_bias", None),

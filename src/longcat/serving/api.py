@@ -252,6 +252,11 @@ def check_model(state: ServerState, model: str | None) -> None:
 
 
 def submit(state: ServerState, items: list[tuple[list[int], RequestParams]]) -> Submission:
+    capacity = state.engine.max_batch + state.engine.max_queue
+    if len(items) > capacity:  # never servable, so not a 503 to retry
+        raise RequestError(f"this request asks for {len(items)} choices (prompts x n); this server holds at most "
+                           f"{capacity} requests (--max-batch + --max-queue): lower n or split the prompts",
+                           param="n")  # fmt: skip
     try:
         return Submission(state, items)
     except EngineError as err:
