@@ -239,6 +239,7 @@ COMPUTE_ALLOCATION = Study(
     metric="compute_loss_spearman",
     claimed_sign=+1,
     measure=allocation.measure_run,
+    minutes=20,
     report_extra=allocation.report_lines,
     notes=[
         "Compute is the number of FFN (non-zero) experts a position's token was routed to, averaged over the "

@@ -227,9 +227,13 @@ def write_report(study: Study, out: Path, results: dict, command: str, quick: bo
         rows = by_arm.get(arm.name, [])
         cells = [_fmt([r.get(k) for r in rows]) for k in extra + keys]
         lines.append(f"| {arm.name} | {len(rows)} | " + " | ".join(cells) + " |")
-    lines += ["", f"Effect per seed ({summary['compare'][1]} - {summary['compare'][0]}, `{study.metric}`): "
-              + ", ".join(f"{e:+.4f}" for e in summary["effects"])
-              + f"; seeds' spread (the larger arm range) {summary['spread']:.4f}.", ""]  # fmt: skip
+    values = ", ".join(f"{e:+.4f}" for e in summary["effects"])
+    if len(study.arms) == 1:
+        lines += ["", f"Value per seed (`{study.metric}`): {values}; seeds' spread (its range) "
+                  f"{summary['spread']:.4f}.", ""]  # fmt: skip
+    else:
+        lines += ["", f"Effect per seed ({summary['compare'][1]} - {summary['compare'][0]}, `{study.metric}`): "
+                  f"{values}; seeds' spread (the larger arm range) {summary['spread']:.4f}.", ""]  # fmt: skip
     if study.report_extra is not None:
         lines += study.report_extra(results)
     plots = plot_study(study, out, results)
