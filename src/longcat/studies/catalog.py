@@ -203,6 +203,27 @@ def _transfer_compare(results: dict) -> tuple[str, str]:
     return best, "transferred"
 
 
+def _transfer_lines(results: dict) -> list[str]:
+    """Where the optima lie: the proxy's, what Table 1 makes of it at the target width, and the target's own."""
+    proxy = min((f"proxy-lr{lr:g}" for lr in TRANSFER_LRS), key=lambda arm: _mean_loss(results, arm))
+    target = min((f"target-lr{lr:g}" for lr in TRANSFER_LRS), key=lambda arm: _mean_loss(results, arm))
+    rows = [r for r in results.values() if r["arm"] == "transferred"]
+    if not rows or not math.isfinite(_mean_loss(results, proxy)) or not math.isfinite(_mean_loss(results, target)):
+        return []
+    cfg = json.loads((Path(rows[0]["run_dir"]) / "train_config.json").read_text())
+    groups = ", ".join(f"{g} {cfg['lr_groups'][g]:g}" for g in ("embedding", "hidden", "unembedding", "router"))
+    stds = ", ".join(f"{g} {v:g}" for g, v in cfg["init_std"].items())
+    swept = float(target.removeprefix("target-lr"))
+    predicted = cfg["lr_groups"]["hidden"]
+    return ["## Where the optima lie", "",
+            f"- Proxy (width {PROXY_WIDTH}) optimum of the sweep: `{proxy}` (validation loss "
+            f"{_mean_loss(results, proxy):.4f}).",
+            f"- Table 1 at s = {TARGET_WIDTH // PROXY_WIDTH} makes of it: LR {groups}; init std {stds}.",
+            f"- Target (width {TARGET_WIDTH}) optimum of the one-LR sweep: `{target}` (validation loss "
+            f"{_mean_loss(results, target):.4f}), {swept / predicted:.2g}x the hidden LR Table 1 predicts "
+            f"(the grid steps by about 3x).", ""]  # fmt: skip
+
+
 WIDTH_TRANSFER = Study(
     name="width-transfer",
     question=f"Do hyperparameters tuned at width {PROXY_WIDTH} and transferred to width {TARGET_WIDTH} (s = "
@@ -219,6 +240,7 @@ WIDTH_TRANSFER = Study(
     quick=QUICK,
     claimed_sign=0,
     choose=_transfer_compare,
+    report_extra=_transfer_lines,
     minutes=35,
     notes=[
         "A (the comparison's baseline) is the target-width arm with the lowest mean validation loss, chosen "
