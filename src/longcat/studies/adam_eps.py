@@ -54,7 +54,7 @@ def compare(results: dict) -> tuple[str, str]:
 
 
 def report_lines(results: dict) -> list[str]:
-    """Loss, gradient RMS and rounding drift against epsilon, per width (means over seeds)."""
+    """Loss and gradient RMS (means over seeds) and rounding drift (each seed) against epsilon, per width."""
 
     def mean(rows: list[dict], key: str) -> float | None:
         values = [r[key] for r in rows if r.get(key) is not None]
@@ -63,10 +63,13 @@ def report_lines(results: dict) -> list[str]:
     def cell(value: float | None, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
-    lines = ["## Epsilon against the gradient's RMS, and rounding drift (means over seeds)", "",
+    def per_seed(rows: list[dict], key: str) -> str:  # drift is bimodal over seeds: a mean would hide it
+        return " / ".join(cell(r.get(key), ".1e") for r in sorted(rows, key=lambda r: r["seed"]))
+
+    lines = ["## Epsilon against the gradient's RMS (means over seeds), and rounding drift (each seed)", "",
              f"Drift: the arm's first {DRIFT_STEPS} steps run twice in one process, the second with every initial "
              "weight nudged by one ulp; ||w_a - w_b|| / ||w_a|| per parameter tensor (median and worst over "
-             "tensors) and the gap between the two runs' losses at that step.", "",
+             "tensors) and the gap between the two runs' losses at that step, seed 0 / seed 1 / ...", "",
              "| width | epsilon | val_loss | grad RMS | epsilon / grad RMS | drift median | drift worst | worst tensor "
              "| loss gap |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for eps, width in EPS_ARMS:
@@ -80,16 +83,16 @@ def report_lines(results: dict) -> list[str]:
         lines.append(
             f"| {width} | {power(eps)} | {cell(mean(rows, 'val_loss'), '.4f')} | {cell(rms, '.2e')} "
             f"| {cell(ratio, '.2g')} "
-            f"| {cell(mean(rows, 'drift_median'), '.1e')} | {cell(mean(rows, 'drift_max'), '.1e')} "
-            f"| {', '.join(f'`{w}`' for w in worst) or '-'} | {cell(mean(rows, 'drift_loss'), '.1e')} |"
+            f"| {per_seed(rows, 'drift_median')} | {per_seed(rows, 'drift_max')} "
+            f"| {', '.join(f'`{w}`' for w in worst) or '-'} | {per_seed(rows, 'drift_loss')} |"
         )
     plot = plot_eps(results)
     return [*lines, "", *([f"![epsilon]({plot.name})", ""] if plot else [])]
 
 
 def plot_eps(results: dict) -> Path | None:
-    """eps.png beside the report: validation loss (mean, error bar = std over seeds) and the drift median
-    against epsilon, a line per width, each width's gradient RMS marked."""
+    """eps.png beside the report: validation loss (mean, error bar = std over seeds; a line per width) and
+    every seed's drift median against epsilon, each width's gradient RMS marked."""
     try:
         import matplotlib
 
@@ -104,7 +107,7 @@ def plot_eps(results: dict) -> Path | None:
     out = Path(next(iter(results.values()))["run_dir"]).parents[2]
     fig, (loss_ax, drift_ax) = plt.subplots(1, 2, figsize=(10, 4))
     for colour, width in enumerate(sorted({w for _, w in EPS_ARMS})):
-        xs, losses, errors, drifts, rms = [], [], [], [], []
+        xs, losses, errors, rms = [], [], [], []
         for eps, w in sorted(EPS_ARMS):
             rows = [r for r in results.values() if r["arm"] == eps_arm(eps, w).name] if w == width else []
             values = [r["val_loss"] for r in rows if r.get("val_loss") is not None]
@@ -113,21 +116,26 @@ def plot_eps(results: dict) -> Path | None:
             xs.append(eps)
             losses.append(statistics.fmean(values))
             errors.append(statistics.stdev(values) if len(values) > 1 else 0.0)
-            drifts.append(
-                statistics.fmean(math.nan if r.get("drift_median") is None else r["drift_median"] for r in rows)
+            seeds = [r["drift_median"] for r in rows if r.get("drift_median") is not None]
+            drift_ax.scatter(
+                [eps * (1.25 if colour else 0.8)] * len(seeds),
+                seeds,
+                color=f"C{colour}",
+                s=18,
+                label=f"width {width}" if eps == min(e for e, w2 in EPS_ARMS if w2 == width) else None,
             )
             rms += [r["grad_rms"] for r in rows if r.get("grad_rms")]
         if not xs:
             continue
         loss_ax.errorbar(xs, losses, yerr=errors, marker="o", color=f"C{colour}", label=f"width {width}")
-        drift_ax.plot(xs, drifts, marker="o", color=f"C{colour}", label=f"width {width}")
         if rms:
             for ax in (loss_ax, drift_ax):
                 ax.axvline(statistics.fmean(rms), color=f"C{colour}", linestyle=":", alpha=0.7)
     loss_ax.set(xscale="log", xlabel="Adam epsilon (dotted: gradient RMS)", ylabel="validation loss")
     drift_ax.set(xscale="log", yscale="log", xlabel="Adam epsilon",
-                 ylabel=f"drift median after {DRIFT_STEPS} steps")  # fmt: skip
+                 ylabel=f"drift median after {DRIFT_STEPS} steps (each seed)")  # fmt: skip
     loss_ax.legend()
+    drift_ax.legend()
     fig.tight_layout()
     path = out / "eps.png"
     fig.savefig(path, dpi=110)

@@ -1,7 +1,7 @@
 """The studies `longcat study` runs: each a question, the paper's claim, arms that differ only in the
 settings they name, and the metric its verdict reads (runner.py holds the rule).
 
-Full runs train the `tiny` preset for a few hundred steps (about 30 minutes a study on 2 CPU cores);
+Full runs train the `tiny` preset for a few hundred steps (12-35 minutes a study on 2 CPU cores);
 `--quick` trains a few steps of each arm, to test the pipeline, not to measure anything.
 """
 
@@ -80,13 +80,15 @@ ADAM_EPS = Study(
     choose=adam_eps.compare,
     measure=adam_eps.measure,
     report_extra=adam_eps.report_lines,
-    minutes=40,
+    minutes=25,
     notes=[
         "The verdict compares, at width 128, epsilon 1e-16 (A) with the arm whose epsilon is nearest the gradient "
         "RMS that A measured (B), chosen after the runs by that rule; the other arms trace the curve (grad RMS: "
         "the gradient norm before clipping at the last logged step over sqrt(parameters)).",
         "The drift pair is a measurement beside the verdict, not part of it: it shows how much of a run's "
-        "weights are set by rounding noise at each epsilon, which is what bitwise determinism (§4.4) guards.",
+        "weights are set by rounding noise at each epsilon, which is what bitwise determinism (§4.4) guards. It "
+        "is shown per seed: a one-ulp start can flip a token's top-k routing, a discrete event after which two "
+        "runs part by far more than rounding, and a mean over seeds would mix the two regimes.",
     ],  # fmt: skip
 )
 
@@ -134,6 +136,7 @@ GROWTH = Study(
     ],
     base=FULL,
     quick={**QUICK, "max_steps": 6, "eval_every": 2},
+    minutes=35,
     notes=[
         "The grown arm trains 1 layer for max_steps / 3 steps (stable learning rate, no decay), stacks it to "
         "2 layers with its optimizer state, and continues to max_steps with the same schedule."
@@ -241,7 +244,7 @@ WIDTH_TRANSFER = Study(
     claimed_sign=0,
     choose=_transfer_compare,
     report_extra=_transfer_lines,
-    minutes=35,
+    minutes=12,
     notes=[
         "A (the comparison's baseline) is the target-width arm with the lowest mean validation loss, chosen "
         "after the runs; B is the transferred arm. The claim is that B is as good: the parity rule.",

@@ -113,7 +113,7 @@ def run_study(study: Study, out: Path, seeds: int = 2, quick: bool = False, data
         measured = final_metrics(run_dir)
         if study.measure is not None:
             measured.update(study.measure(run_dir))
-        results[key] = {"arm": arm.name, "seed": seed, "run_dir": str(run_dir), **measured}
+        results[key] = {"arm": arm.name, "seed": seed, "run_dir": str(run_dir), "command": command_line(), **measured}
         results_path.write_text(json.dumps(results, indent=2) + "\n")
         done += 1
     return results
@@ -194,7 +194,11 @@ def write_report(study: Study, out: Path, results: dict, command: str, quick: bo
     lines = [
         f"# Study: {study.name}" + (" (--quick: a few steps per arm, not a result)" if quick else ""),
         "",
-        f"Date {m['date']}, machine {m['cpu']} ({m['threads']} threads), torch {m['torch']}. Command: `{command}`.",
+        f"Date {m['date']}, machine {m['cpu']} ({m['threads']} threads), torch {m['torch']}. Command: `{command}`"
+        + "".join(
+            f"; runs trained by `{c}`" for c in sorted({r.get("command") for r in results.values()} - {None, command})
+        )
+        + ".",
         "",
         f"**Question.** {study.question}",
         "",
