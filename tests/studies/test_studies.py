@@ -65,3 +65,10 @@ def test_cli_list_and_unknown(capsys) -> None:
     assert all(name in out for name in STUDIES)
     assert main(["study", "no-such-study"]) == 2
     assert "unknown study" in capsys.readouterr().err
+
+
+def test_first_seed_trains_fresh_seeds(small_data, tmp_path) -> None:
+    study = STUDIES["mla-scale"]
+    results = run_study(study, tmp_path, seeds=1, first_seed=3, quick=True, data=str(small_data), progress=False)
+    assert sorted(results) == ["no-scales/seed3", "scales/seed3"]
+    assert all(r["seed"] == 3 and r["run_dir"].endswith("seed3") for r in results.values())

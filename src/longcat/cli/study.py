@@ -21,6 +21,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown study {args.name!r}; `longcat study --list` lists them: {', '.join(STUDIES)}")
     if args.seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
+    if args.first_seed < 0:
+        raise ConfigError(f"--first-seed must not be negative, got {args.first_seed}")
     study = STUDIES[args.name]
     out = Path(args.out or f"runs/study-{study.name}" + ("-quick" if args.quick else ""))
     if args.checkpoint:
@@ -32,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     else:
         results = run_study(study, out, seeds=args.seeds, quick=args.quick, data=args.data, resume=args.resume,
+                            first_seed=args.first_seed,
                             progress=not args.quiet)  # fmt: skip
     report = write_report(study, out, results, command_line(), args.quick)
     summary = json.loads((out / "summary.json").read_text())
@@ -46,6 +49,9 @@ def add_parser(sub) -> None:  # noqa: ANN001 - argparse's subparsers action
     st.add_argument("--out", help="the study directory (default runs/study-NAME)")
     st.add_argument("--quick", action="store_true", help="a few steps per arm: tests the pipeline, measures nothing")
     st.add_argument("--seeds", type=int, default=2, help="seeds per arm (default 2)")
+    st.add_argument("--first-seed", type=int, default=0,
+                    help="seeds FIRST .. FIRST + N - 1 (default 0): fresh seeds for a test whose rule was set after "
+                    "seeing earlier ones")  # fmt: skip
     st.add_argument("--data", help="a prepared data directory (default: the embedded corpus)")
     st.add_argument("--resume", action="store_true", help="keep the finished runs of an interrupted study")
     st.add_argument("--quiet", action="store_true", help="no progress output")

@@ -77,7 +77,7 @@ def final_metrics(run_dir: Path) -> dict:
 
 
 def run_study(study: Study, out: Path, seeds: int = 2, quick: bool = False, data: str | None = None,
-              resume: bool = False, progress: bool = True) -> dict:  # fmt: skip
+              resume: bool = False, progress: bool = True, first_seed: int = 0) -> dict:  # fmt: skip
     from ..training.trainer import train
 
     out.mkdir(parents=True, exist_ok=True)
@@ -86,7 +86,7 @@ def run_study(study: Study, out: Path, seeds: int = 2, quick: bool = False, data
     settings = {**study.base, **(study.quick if quick else {})}
     if data:
         settings["data_dir"] = data
-    runs = [(arm, seed) for arm in study.arms for seed in range(seeds)]
+    runs = [(arm, seed) for arm in study.arms for seed in range(first_seed, first_seed + seeds)]
     if progress:
         minutes = "under a minute" if quick else f"about {study.minutes} minutes"
         print(f"study {study.name}: {len(runs)} runs ({len(study.arms)} arms x {seeds} seeds), {minutes} on 2 CPU "
