@@ -1,31 +1,22 @@
 """End-to-end tests of `longcat serve` through its HTTP interface, as OpenAI clients see it.
 
-Like vLLM's RemoteOpenAIServer, every server here is a real `python -m longcat serve` subprocess on a
-free port over a random tiny checkpoint (vocabulary 384, context 4096), driven with the `openai`
-client and, where the wire format matters, raw HTTP. Covered: the model list; chat and text
-completions, whole and streamed (SSE framing, usage chunk, stream == whole for greedy decoding);
-stop strings; seeds; n choices (whole and streamed, several prompts); penalties and logit_bias against
-the library's reference decoding; echo + logprobs with token-id prompts (lm-eval-harness style) checked against
-the library's forward; 16 concurrent streams; a client that disconnects mid-stream (its slot is
-freed); OpenAI-shaped errors for bad requests, a full queue and a wrong API key; and the SIGTERM
-drain (503 for new requests, running ones end with finish_reason "abort", exit status 0).
+Every server here is a real `python -m longcat serve` subprocess on a free port over a random tiny
+checkpoint (tests/serving/remote.py), driven with the `openai` client and, where the wire format
+matters, raw HTTP. Covered: the model list; chat and text completions, whole and streamed (SSE
+framing, usage chunk, stream == whole for greedy decoding); stop strings; echo + logprobs with
+token-id prompts (lm-eval-harness style) checked against the library's forward; 16 concurrent
+streams; a client that disconnects mid-stream (its slot is freed); OpenAI-shaped errors for bad
+requests, a full queue and a wrong API key; and the SIGTERM drain (503 for new requests, running ones
+end with finish_reason "abort", exit status 0). Seeds, n choices and penalties: test_server_sampling.py.
 Tool calls are left to the unit tests: a random model does not emit them.
 """
-
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import re
 import signal
-import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import torch
@@ -33,188 +24,23 @@ import torch
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
-try:
-    import httpx
-except ImportError:  # openai >= 3 ships its HTTP client as httpx2
-    import httpx2 as httpx
 
-from tests.conftest import random_tiny_config  # noqa: E402
+from tests.serving.remote import (  # noqa: E402
+    CHAT,
+    CONTEXT,
+    MODEL,
+    RemoteServer,
+    assert_error,
+    events,
+    httpx,
+    metric,
+    occupied,
+    stream_completion,
+    wait_idle,
+    wait_until,
+)
 
 from longcat import LongcatForCausalLM  # noqa: E402
-
-MODEL = "tiny"
-CONTEXT = 4096
-STARTUP_TIMEOUT_S = 60
-
-
-class RemoteServer:
-    """`longcat serve CHECKPOINT ARGS...` in a subprocess, ready (GET /health is 200) once built."""
-
-    def __init__(self, checkpoint: Path, *args: str, env: dict[str, str] | None = None) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = Path(checkpoint).parent / f"server-{self.port}.log"
-        command = [sys.executable, "-m", "longcat", "serve", str(checkpoint), "--port", str(self.port),
-                   "--served-model-name", MODEL, *args]  # fmt: skip
-        environment = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1", **(env or {})}
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT,
-                                         preexec_fn=die_with_parent)  # fmt: skip
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"longcat serve exited with {self.proc.returncode}:\n{self.output()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.1)
-        pytest.fail(f"longcat serve was not ready after {STARTUP_TIMEOUT_S} s:\n{self.output()}")
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")[-5000:]
-
-    def client(self, api_key: str = "x") -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=60)
-
-    def http(self, **headers: str) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60, headers=headers)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-
-
-def die_with_parent() -> None:
-    """The server gets SIGKILL if the test process dies first (Linux), so none outlives a killed run."""
-    if sys.platform == "linux":
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-# --- helpers -------------------------------------------------------------------------------------
-
-
-def wait_until(predicate, timeout: float, what: str):  # noqa: ANN001, ANN201
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.05)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
-
-
-def metric(server: RemoteServer, name: str) -> float:
-    """One sample of GET /metrics, e.g. 'longcat_requests_finished_total{finish_reason="abort"}' (0 if absent)."""
-    text = httpx.get(f"{server.url}/metrics", timeout=10).text
-    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-    return float(found.group(1)) if found else 0.0
-
-
-def wait_idle(server: RemoteServer, timeout: float = 10) -> None:
-    wait_until(lambda: metric(server, "longcat_requests_running") == 0 and metric(server, "longcat_kv_slots_used") == 0
-               and metric(server, "longcat_requests_waiting") == 0, timeout, "the server to go idle")  # fmt: skip
-
-
-def events(lines) -> list[str]:  # noqa: ANN001
-    """The SSE events' payloads ('data: ' removed) from response lines; every event must be 'data: ...'."""
-    out = []
-    for line in lines:
-        if line:
-            assert line.startswith("data: "), f"not an SSE data line: {line!r}"
-            out.append(line[len("data: ") :])
-    return out
-
-
-def assert_error(response: httpx.Response, status: int, param: str | None = None, code: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
-    error = body["error"]
-    assert isinstance(error["message"], str) and error["message"] and isinstance(error["type"], str)
-    if param is not None:
-        assert error["param"] == param, error
-    if code is not None:
-        assert error["code"] == code, error
-    return error
-
-
-def stream_completion(server: RemoteServer, http: httpx.Client, max_tokens: int):  # noqa: ANN201
-    body = {"model": MODEL, "prompt": "In the beginning", "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
-    return http.stream("POST", "/v1/completions", json=body)
-
-
-@contextlib.contextmanager
-def occupied(server: RemoteServer, http: httpx.Client):
-    """A long streamed completion holds a slot for the duration (it is dropped, then awaited, on exit)."""
-    with stream_completion(server, http, 3000) as response:
-        assert response.status_code == 200
-        lines = response.iter_lines()
-        for _ in range(4):
-            next(lines)
-        yield
-    wait_idle(server)
-
-
-CHAT = [{"role": "user", "content": "In the beginning God created"}]
-
-
-# --- fixtures ------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def checkpoint(small_data, tmp_path_factory) -> Path:
-    from longcat.data.prepare import copy_tokenizer
-
-    config = random_tiny_config(0, vocab_size=384, max_position_embeddings=CONTEXT, num_nextn_predict_layers=1)
-    model = LongcatForCausalLM(config)
-    model.init_weights(torch.Generator().manual_seed(0))
-    directory = tmp_path_factory.mktemp("serve") / "tiny"
-    model.save_pretrained(directory)
-    copy_tokenizer([small_data / "tokenizer.json", small_data / "tokenizer_config.json"], directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def tokenizer(checkpoint):  # noqa: ANN201
-    from longcat.inference.chat import CheckpointTokenizer
-
-    return CheckpointTokenizer(checkpoint)
-
-
-@pytest.fixture(scope="module")
-def server(checkpoint):  # noqa: ANN201
-    remote = RemoteServer(checkpoint, "--max-batch", "16")
-    yield remote
-    remote.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return server.client()
-
-
-@pytest.fixture(scope="module")
-def guarded(checkpoint):  # noqa: ANN201
-    """One slot, no queue, an API key: for 503s on a full server and 401s."""
-    remote = RemoteServer(checkpoint, "--max-batch", "1", "--max-queue", "0", env={"LONGCAT_API_KEY": "secret"})
-    yield remote
-    remote.stop()
-
 
 # --- 1. models, whole responses ------------------------------------------------------------------
 
@@ -313,84 +139,6 @@ def test_stop_string(client):
     chunks = list(client.completions.create(**request, stop=stop, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == expected
     assert chunks[-1].choices[0].finish_reason == "stop"
-
-
-# --- 4. seeds ------------------------------------------------------------------------------------
-
-
-def test_seed_reproduces_sampling(client):
-    def sample(seed: int) -> str:
-        response = client.completions.create(model=MODEL, prompt="In the beginning", temperature=1, max_tokens=16,
-                                             seed=seed, extra_body={"ignore_eos": True})  # fmt: skip
-        return response.choices[0].text
-
-    first = sample(7)
-    assert sample(7) == first
-    # sampling happens at all: another seed differs (16 tokens over 384 near-uniform ones: all equal is ~impossible)
-    assert any(sample(seed) != first for seed in (8, 9, 10))
-
-
-# --- 4b. n choices, penalties --------------------------------------------------------------------
-
-
-def test_n_choices_whole_and_streamed(client, tokenizer):
-    request = dict(model=MODEL, messages=CHAT, temperature=1, max_tokens=10, seed=3, n=3,
-                   extra_body={"ignore_eos": True})  # fmt: skip
-    whole = client.chat.completions.create(**request)
-    assert [c.index for c in whole.choices] == [0, 1, 2]
-    texts = [c.message.content for c in whole.choices]
-    assert len(set(texts)) > 1  # seeds 3, 4, 5: the choices differ
-    assert whole.usage.prompt_tokens == len(tokenizer.encode(tokenizer.chat(CHAT)))  # the prompt counted once
-    assert whole.usage.completion_tokens == 30
-    assert [c.message.content for c in client.chat.completions.create(**request).choices] == texts  # repeatable
-    single = client.chat.completions.create(**{**request, "n": 1, "seed": 4})
-    assert single.choices[0].message.content == texts[1]  # choice j is the request with seed + j
-
-    chunks = list(client.chat.completions.create(**request, stream=True, stream_options={"include_usage": True}))
-    streamed = {0: "", 1: "", 2: ""}
-    finished = set()
-    for chunk in chunks[:-1]:
-        (choice,) = chunk.choices
-        streamed[choice.index] += choice.delta.content or ""
-        if choice.finish_reason:
-            finished.add(choice.index)
-    assert [streamed[i] for i in range(3)] == texts and finished == {0, 1, 2}
-    assert chunks[-1].usage.model_dump() == whole.usage.model_dump()
-
-
-def test_n_choices_of_several_prompts(client, tokenizer):
-    prompts = ["In the beginning", "The module"]
-    response = client.completions.create(model=MODEL, prompt=prompts, temperature=0, max_tokens=5, n=2,
-                                         extra_body={"ignore_eos": True})  # fmt: skip
-    texts = [c.text for c in response.choices]
-    assert [c.index for c in response.choices] == [0, 1, 2, 3]
-    assert texts[0] == texts[1] and texts[2] == texts[3] and texts[0] != texts[2]  # greedy: prompt p at 2p, 2p + 1
-    assert response.usage.prompt_tokens == sum(len(tokenizer.encode(p)) for p in prompts)
-    assert response.usage.completion_tokens == 20
-
-
-def test_penalties_and_logit_bias(client, checkpoint, tokenizer):
-    from tests.serving.test_penalties import reference_decode
-
-    from longcat.serving.penalties import Penalties
-
-    model = LongcatForCausalLM.from_pretrained(checkpoint).eval()
-    prompt = tokenizer.encode("In the beginning")
-    request = dict(model=MODEL, prompt=prompt, temperature=0, max_tokens=12, logprobs=0)
-    plain = client.completions.create(**request, extra_body={"ignore_eos": True}).choices[0]
-    first = reference_decode(model, prompt, 1, Penalties())[0]
-    banned = client.completions.create(**request, logit_bias={str(first): -100},
-                                       extra_body={"ignore_eos": True}).choices[0]  # fmt: skip
-    assert banned.logprobs.token_logprobs[0] < plain.logprobs.token_logprobs[0]  # the runner-up was chosen
-    cases = [  # request fields, the same as Penalties
-        ({"frequency_penalty": 1.5}, Penalties(frequency=1.5)),
-        ({"presence_penalty": 1.0, "logit_bias": {str(first): 3}}, Penalties(presence=1.0, bias=((first, 3.0),))),
-        ({"extra_body": {"ignore_eos": True, "repetition_penalty": 1.3}}, Penalties(repetition=1.3)),
-    ]
-    for fields, penalties in cases:
-        extra = fields.pop("extra_body", {"ignore_eos": True})
-        text = client.completions.create(**request, **fields, extra_body=extra).choices[0].text
-        assert text == tokenizer.decode(reference_decode(model, prompt, 12, penalties)), fields
 
 
 # --- 5. echo + logprobs --------------------------------------------------------------------------
