@@ -10,6 +10,7 @@ requests, a full queue and a wrong API key; and the SIGTERM drain (503 for new r
 end with finish_reason "abort", exit status 0). Seeds, n choices and penalties: test_server_sampling.py.
 Tool calls are left to the unit tests: a random model does not emit them.
 """
+
 from __future__ import annotations
 
 import json
