@@ -317,8 +317,9 @@ async def chat_stream(state: ServerState, body: ChatCompletionRequest, submissio
         submission.cancel()  # a client gone mid-stream: the engine frees the slots at the next step
 
 
-async def whole_outputs(submission: Submission, client: Request) -> dict[int, list[Output]] | None:
-    """Every choice's outputs, or None when the client went away."""
+async def whole_outputs(submission: Submission, client: Request) -> dict[int, list[Output]] | Response:
+    """Every choice's outputs; or the response that ends the request instead: 499 when the client went
+    away, 500 with the failure when a choice's generation failed."""
     outs: dict[int, list[Output]] = {i: [] for i in range(len(submission.requests))}
     try:
         async for index, out in submission.outputs(client):
@@ -326,20 +327,19 @@ async def whole_outputs(submission: Submission, client: Request) -> dict[int, li
     finally:
         submission.cancel()
     if any(not o or o[-1].finish_reason is None for o in outs.values()):
-        return None
-    return outs
+        return Response(status_code=499)
+    failed = [o[-1] for o in outs.values() if o[-1].finish_reason == "error"]
+    return JSONResponse(failure(failed[0]), status_code=500) if failed else outs
 
 
 async def chat_whole(state: ServerState, body: ChatCompletionRequest, submission: Submission,
                      client: Request) -> Response:  # fmt: skip
     outs = await whole_outputs(submission, client)
-    if outs is None:  # the client went away
-        return Response(status_code=499)
+    if isinstance(outs, Response):
+        return outs
     choices = []
     for index, chunks in outs.items():
         last = chunks[-1]
-        if last.finish_reason == "error":
-            return JSONResponse(failure(last), status_code=500)
         content, calls = "".join(o.text for o in chunks), []
         if body.uses_tools:
             from .tool_calls import parse_tool_calls
@@ -398,13 +398,11 @@ async def completion_stream(state: ServerState, body: CompletionRequest, submiss
 async def completion_whole(state: ServerState, body: CompletionRequest, submission: Submission,
                            client: Request) -> Response:  # fmt: skip
     outs = await whole_outputs(submission, client)
-    if outs is None:
-        return Response(status_code=499)
+    if isinstance(outs, Response):
+        return outs
     choices = []
     for index, chunks in outs.items():
         last = chunks[-1]
-        if last.finish_reason == "error":
-            return JSONResponse(failure(last), status_code=500)
         text, entries = "".join(o.text for o in chunks), [c for o in chunks for c in o.logprobs]
         if body.echo:
             prompt = submission.requests[index].prompt
