@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from tests.conftest import perturb, random_tiny_config
 
 from longcat import CheckpointError, ConfigError, LongcatForCausalLM
+from longcat.checkpoint import transformers_needs_zero_expert_stubs
 
 
 def _saved(tmp_path, seed: int = 0, **kw):
@@ -174,6 +175,46 @@ def test_zero_expert_stubs_are_written_and_ignored(tmp_path) -> None:
         warnings.simplefilter("always")
         _same_weights(model, LongcatForCausalLM.from_pretrained(tmp_path))
     assert any("zero-expert weight" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize(
+    ("version", "stubs"),
+    [("4.57.1", False), ("4.57.6", False), ("5.0.0", True), ("5.0.0rc1", True), ("5.24.0", True),
+     ("5.24.9.dev0", True), ("5.25.0", False), ("5.25.0.dev0", False), ("5.26.1", False), ("6.0.0", False)],
+)  # fmt: skip
+def test_which_transformers_reads_which_layout(version: str, stubs: bool) -> None:
+    assert transformers_needs_zero_expert_stubs(version) is stubs
+
+
+def test_an_unreadable_transformers_version_is_refused() -> None:
+    with pytest.raises(ValueError, match="'main'"):
+        transformers_needs_zero_expert_stubs("main")
+
+
+def _zero_expert_keys(path) -> set[str]:
+    config = LongcatForCausalLM.from_pretrained(path).config
+    return {k for k in load_file(path / "model.safetensors") if f".experts.{config.n_routed_experts}." in k}
+
+
+def test_export_converts_a_final_directory_between_layouts(tmp_path) -> None:
+    """`longcat export` of a Hugging Face directory (a run's final/): --zero-expert-stubs adds the rows,
+    without it they go again; the weights and the tokenizer files travel unchanged."""
+    from longcat.cli import main
+
+    model = _saved(tmp_path / "final")
+    (tmp_path / "final" / "tokenizer.json").write_text("{}")
+    assert not _zero_expert_keys(tmp_path / "final")  # the released layout is the default
+    assert main(["export", str(tmp_path / "final"), "--out", str(tmp_path / "stubs"), "--zero-expert-stubs"]) == 0
+    assert _zero_expert_keys(tmp_path / "stubs")
+    assert main(["export", str(tmp_path / "stubs"), "--out", str(tmp_path / "released")]) == 0
+    assert not _zero_expert_keys(tmp_path / "released")
+    assert (tmp_path / "released" / "tokenizer.json").read_text() == "{}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in ("stubs", "released"):
+            _same_weights(model, LongcatForCausalLM.from_pretrained(tmp_path / name))
+    assert main(["export", str(tmp_path / "final"), "--out", str(tmp_path / "final")]) == 2
+    assert _same_weights(model, LongcatForCausalLM.from_pretrained(tmp_path / "final")) is None
 
 
 def test_tied_embeddings_round_trip(tmp_path) -> None:

@@ -4,6 +4,8 @@ In memory the FFN experts of a layer are two stacked tensors (`mlp.experts.gate_
 `mlp.experts.down_proj [N, H, I]`); on disk each expert has its own keys
 (`mlp.experts.{e}.{gate,up,down}_proj.weight`), the layout of the released checkpoints and of
 transformers 4.57 and 5.x. `expert_keys` / `stacked_param_name` are that one conversion, used both ways.
+Zero experts have no weights in the released layout; transformers 5.0-5.24 alone wanted all-zero rows
+for them (`zero_expert_stubs`, `transformers_needs_zero_expert_stubs`).
 
 Loading reads every file header first and checks the complete key set and every shape before a single
 value is copied into a freshly built model, so a bad checkpoint raises `CheckpointError` naming the
@@ -40,7 +42,7 @@ class CheckpointError(RuntimeError):
 
 
 class ZeroExpertRowsIgnored(UserWarning):
-    """A checkpoint carries gate/up rows for zero experts (transformers 5.x layout); they were skipped."""
+    """A checkpoint carries gate/up rows for zero experts (transformers 5.0-5.24 layout); they were skipped."""
 
 
 # ----- the one expert-layout conversion -------------------------------------------------------
@@ -151,6 +153,29 @@ def _warn_where_transformers_differs(config: LongcatConfig) -> None:
         )
 
 
+def transformers_needs_zero_expert_stubs(version: str) -> bool:
+    """Whether transformers `version` loads only checkpoints with zero-expert stub rows.
+
+    transformers 5.0 through 5.24 size `LongcatFlashExperts.gate_up_proj` for all N + Z experts and
+    refuse the released layout; 4.57 and 5.25 on size it for the N FFN experts and refuse the stubs.
+    A pre-release of 5.25 (`5.25.0.dev0`) is counted as 5.25: the change landed on its main branch."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match is None:
+        raise ValueError(f"transformers version {version!r}: expected MAJOR.MINOR[...]")
+    major, minor = int(match[1]), int(match[2])
+    return major == 5 and minor < 25
+
+
+def installed_transformers_version() -> str | None:
+    """The installed transformers' version, read from its metadata without importing it; None if absent."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("transformers")
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def save_pretrained(
     model: LongcatForCausalLM,
     path: str | os.PathLike,
@@ -159,11 +184,12 @@ def save_pretrained(
 ) -> None:
     """Write config.json and safetensors shards (with an index above max_shard_size) into `path`.
 
-    The default layout is the released one (no weights for zero experts), which transformers 4.57,
-    vLLM and SGLang read. transformers 5.x (through 5.24 at least) sizes its fused `gate_up_proj`
-    for all N + Z experts and refuses a checkpoint without rows for the zero experts (the released
-    560B one included); zero_expert_stubs=True adds all-zero `gate_proj`/`up_proj` weights for them,
-    as transformers 5.x itself writes, so it loads there. They cost 2 * Z * I * H values per layer.
+    The default layout is the released one (no weights for zero experts), which transformers 4.57 and
+    >= 5.25, vLLM and SGLang read. transformers 5.0-5.24 size their fused `gate_up_proj` for all N + Z
+    experts and refuse a checkpoint without rows for the zero experts (the released 560B one
+    included); zero_expert_stubs=True adds all-zero `gate_proj`/`up_proj` weights for them, as those
+    versions themselves write, so it loads there (and nowhere else in transformers). They cost
+    2 * Z * I * H values per layer. `transformers_needs_zero_expert_stubs` tells which a version reads.
 
     Other files in `path` (a tokenizer, say) are kept; weight files of an earlier save that the new
     one does not use are removed after the new ones are in place."""
@@ -408,7 +434,7 @@ def load_pretrained(
     phantom, unexpected = [], []
     for key in found.keys() - layout.keys():
         match = _EXPERT_KEY.match(key)
-        # transformers 5.x writes gate/up weights for the zero (identity) experts: never used
+        # transformers 5.0-5.24 write gate/up weights for the zero (identity) experts: never used
         if match and n_ffn <= int(match.group(2)) < n_total and match.group(3) != "down_proj":
             phantom.append(key)
         else:
@@ -426,7 +452,7 @@ def load_pretrained(
         )
     if phantom:
         warnings.warn(
-            f"{root}: ignoring {len(phantom)} zero-expert weight(s), the rows transformers 5.x keeps for identity "
+            f"{root}: ignoring {len(phantom)} zero-expert weight(s), the rows transformers 5.0-5.24 keep for identity "
             f"experts (e.g. {sorted(phantom)[0]}); identity experts have no weights",
             ZeroExpertRowsIgnored,
             stacklevel=2,

@@ -3,13 +3,16 @@ test_determinism.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import warnings
 
 import pytest
 import torch
 from tests.conftest import tiny_train_config
 
 from longcat import LongcatForCausalLM
+from longcat.checkpoint import transformers_needs_zero_expert_stubs
 from longcat.training.config import TrainConfig
 from longcat.training.trainer import Trainer, TrainingError, train
 
@@ -41,14 +44,47 @@ def test_run_writes_metrics_checkpoints_and_final(small_data, tmp_path) -> None:
         Trainer(tiny_train_config(small_data), tmp_path, progress=False)
 
 
+def _zero_expert_keys(final) -> list[str]:
+    from safetensors import safe_open
+
+    config = LongcatForCausalLM.from_pretrained(final).config
+    with safe_open(str(final / "model.safetensors"), "pt") as f:
+        return [k for k in f.keys() if f".mlp.experts.{config.n_routed_experts}." in k]
+
+
 def test_final_checkpoint_loads_in_transformers(small_data, tmp_path) -> None:
+    """final/ in the layout the installed transformers reads: the default (released) one on 4.57 and
+    >= 5.25, the stub layout only where it is asked for (5.0-5.24)."""
     transformers = pytest.importorskip("transformers")
-    train(tiny_train_config(small_data, max_steps=2, eval_every=2), tmp_path, progress=False)
+    stubs = transformers_needs_zero_expert_stubs(transformers.__version__)
+    config = tiny_train_config(small_data, max_steps=2, eval_every=2)
+    assert config.export_zero_expert_stubs is False  # the released layout is the default
+    if stubs:
+        config = dataclasses.replace(config, export_zero_expert_stubs=True)
+    train(config, tmp_path, progress=False)
+    assert bool(_zero_expert_keys(tmp_path / "final")) == stubs
     theirs = transformers.LongcatFlashForCausalLM.from_pretrained(tmp_path / "final").eval()
     ours = LongcatForCausalLM.from_pretrained(tmp_path / "final").eval()
     ids = torch.randint(0, ours.config.vocab_size, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, rtol=0, atol=1e-4)
+
+
+def test_a_stub_run_warns_where_transformers_refuses_stubs(small_data, tmp_path, monkeypatch) -> None:
+    """A run directory from before the released layout became the default records
+    export_zero_expert_stubs=true; its final/ keeps that layout (a resume keeps the run's settings) and
+    says how to get the released one when the installed transformers would refuse it."""
+    import longcat.training.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "installed_transformers_version", lambda: "5.25.0")
+    config = tiny_train_config(small_data, max_steps=1, eval_every=1, export_zero_expert_stubs=True)
+    with pytest.warns(UserWarning, match="longcat export .*final --out"):
+        train(config, tmp_path, progress=False)
+    assert _zero_expert_keys(tmp_path / "final")
+    monkeypatch.setattr(trainer_module, "installed_transformers_version", lambda: "5.24.0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        trainer_module.Trainer(config, tmp_path, progress=False, resume=True).export_final()
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(small_data, tmp_path, monkeypatch) -> None:
@@ -124,11 +160,33 @@ def test_fresh_run_refuses_an_old_runs_metrics_and_resume_names_changed_settings
     assert "differ from the checkpoint's" in err and "lr" in err and "max_steps" in err
 
 
-def test_grad_clip_zero_means_no_clipping(small_data, tmp_path) -> None:
-    trainer = Trainer(tiny_train_config(small_data, max_steps=1, grad_clip=0.0, weight_decay=0.0), tmp_path / "run")
-    before = [p.detach().clone() for p in trainer.model.parameters()]
-    trainer.train_step(monitor=True)
-    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
+def _norm_at_optimizer_step(trainer: Trainer) -> tuple[float, float]:
+    """(the gradient norm the step measured before clipping, the norm the optimizer then received)."""
+    seen = []
+    step = trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        grads = [p.grad.float().pow(2).sum() for p in trainer.model.parameters() if p.grad is not None]
+        seen.append(float(torch.stack(grads).sum().sqrt()))
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    row = trainer.train_step(monitor=True)
+    return row["grad_norm"], seen[0]
+
+
+@pytest.mark.parametrize("clip", [0.0, "half"])
+def test_grad_clip_zero_means_no_clipping(small_data, tmp_path, clip) -> None:
+    """grad_clip=0 hands the optimizer the gradients as measured; a clip below the norm scales them to it
+    (the same check, so it can tell the two apart)."""
+    config = tiny_train_config(small_data, max_steps=1, grad_clip=0.0)
+    measured, received = _norm_at_optimizer_step(Trainer(config, tmp_path / "probe", progress=False))
+    assert measured > 0
+    if clip == "half":
+        config = dataclasses.replace(config, grad_clip=measured / 2)
+    measured_again, received = _norm_at_optimizer_step(Trainer(config, tmp_path / "run", progress=False))
+    assert measured_again == pytest.approx(measured, rel=1e-6)
+    assert received == pytest.approx(measured if clip == 0.0 else measured / 2, rel=1e-5)
 
 
 def test_grad_norm_ratio_matches_separate_backward_passes(small_data, tmp_path) -> None:

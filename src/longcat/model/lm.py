@@ -237,7 +237,7 @@ class LongcatForCausalLM(nn.Module):
     def save_pretrained(
         self, path: str | os.PathLike, max_shard_size: int | str = "5GB", zero_expert_stubs: bool = False
     ) -> None:
-        """HF-format directory; zero_expert_stubs=True for transformers 5.x (see checkpoint.save_pretrained)."""
+        """HF-format directory; zero_expert_stubs=True for transformers 5.0-5.24 only (checkpoint.save_pretrained)."""
         from ..checkpoint import save_pretrained
 
         save_pretrained(self, path, max_shard_size=max_shard_size, zero_expert_stubs=zero_expert_stubs)

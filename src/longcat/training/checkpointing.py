@@ -220,11 +220,23 @@ def load_checkpoint_model(directory: Path):  # noqa: ANN201 - LongcatForCausalLM
     return model
 
 
-def export_checkpoint(source: Path, out: Path, zero_expert_stubs: bool = True) -> Path:
-    """A step checkpoint (or a run's latest) as a Hugging Face directory with its tokenizer, written
-    under a temporary name and renamed."""
-    directory = checkpoint_dir(source)
-    model = load_checkpoint_model(directory)
+def export_checkpoint(source: Path, out: Path, zero_expert_stubs: bool = False) -> Path:
+    """A step checkpoint (or a run's latest), or a Hugging Face directory such as a run's `final/`,
+    as a Hugging Face directory with its tokenizer, written under a temporary name and renamed.
+
+    The layout is the released one unless zero_expert_stubs (for transformers 5.0-5.24 only,
+    checkpoint.save_pretrained); exporting a `final/` converts between the two layouts."""
+    from ..checkpoint import CONFIG_NAME
+    from ..model.lm import LongcatForCausalLM
+
+    if (source / CONFIG_NAME).is_file() and not (source / STATE_FILE).is_file():
+        directory = source
+        model = LongcatForCausalLM.from_pretrained(source, device="cpu")
+    else:
+        directory = checkpoint_dir(source)
+        model = load_checkpoint_model(directory)
+    if out.resolve() == directory.resolve():
+        raise StateFileError(f"--out {out} is the source itself: export writes a new directory")
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, zero_expert_stubs=zero_expert_stubs)

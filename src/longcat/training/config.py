@@ -105,7 +105,8 @@ class TrainConfig:
     max_nonfinite: int = 3  # consecutive non-finite steps before the run stops
     device: str = "auto"
     dtype: str = "float32"  # "bfloat16": autocast on CUDA
-    export_zero_expert_stubs: bool = True  # final/ loads in transformers 5.x too (checkpoint.save_pretrained)
+    # final/ in the layout transformers 5.0-5.24 alone read (checkpoint.save_pretrained); False: the released one
+    export_zero_expert_stubs: bool = False
     transfer: dict[str, Any] | None = None  # set by width transfer: where the values came from (a record)
 
     def model_config(self, vocab_size: int | None = None, special: dict[str, int] | None = None) -> LongcatConfig:

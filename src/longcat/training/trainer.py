@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint import installed_transformers_version, transformers_needs_zero_expert_stubs
 from ..config import LongcatConfig
 from ..data.loader import Batch, PackedLoader, TokenStream, sequential_batches
 from ..data.prepare import copy_tokenizer, load_meta, prepare
@@ -509,7 +510,17 @@ class Trainer:
             return final
         tmp = self.out / ".final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, zero_expert_stubs=self.cfg.export_zero_expert_stubs)
+        stubs = self.cfg.export_zero_expert_stubs
+        version = installed_transformers_version()
+        if stubs and version is not None and not transformers_needs_zero_expert_stubs(version):
+            # a run started before the released layout became the default records stubs=true
+            warnings.warn(
+                f"final/ gets zero-expert stub rows (export_zero_expert_stubs=true in train_config.json), which the "
+                f"installed transformers {version} refuses (only 5.0-5.24 read them); `longcat export {final} --out "
+                "DIR` writes the released layout, or resume with --set export_zero_expert_stubs=false",
+                stacklevel=2,
+            )
+        model.save_pretrained(tmp, zero_expert_stubs=stubs)
         copy_tokenizer(self.tokenizer_files, tmp)
         if final.exists():
             shutil.rmtree(final)
