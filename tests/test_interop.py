@@ -10,25 +10,31 @@ import torch
 from tests.conftest import perturb, random_tiny_config
 
 from longcat import LongcatForCausalLM
+from longcat.checkpoint import transformers_needs_zero_expert_stubs
 
 transformers = pytest.importorskip("transformers", minversion="4.57.1")
 from transformers import LongcatFlashForCausalLM  # noqa: E402
 
 SEEDS = [0, 1, 2, 3]
-# transformers 5.x needs rows for the zero experts in its fused gate_up_proj (checkpoint.save_pretrained)
-TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+# the layout this transformers reads: rows for the zero experts in 5.0-5.24 only (checkpoint.save_pretrained)
+STUBS = transformers_needs_zero_expert_stubs(transformers.__version__)
+# transformers >= 5.25 runs its experts through torch._grouped_mm by default, whose CPU kernel refuses
+# rows not a multiple of 16 bytes (these random widths); its per-expert loop is the reference here
+EAGER_EXPERTS = (
+    {"experts_implementation": "eager"} if hasattr(transformers.PreTrainedModel, "set_experts_implementation") else {}
+)
 
 
 def _hf_model_from(path) -> LongcatFlashForCausalLM:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = LongcatFlashForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = LongcatFlashForCausalLM.from_pretrained(path, dtype=torch.float32, **EAGER_EXPERTS)
     return model.eval()
 
 
 def _hf_new(config) -> LongcatFlashForCausalLM:
     hf_config = transformers.LongcatFlashConfig(
-        **{k: v for k, v in config.to_dict().items() if k not in ("architectures", "model_type")}
+        **{k: v for k, v in config.to_dict().items() if k not in ("architectures", "model_type")}, **EAGER_EXPERTS
     )
     torch.manual_seed(0)
     return LongcatFlashForCausalLM(hf_config).eval()
@@ -43,7 +49,7 @@ def test_longcat_checkpoint_loads_in_transformers(seed: int, tmp_path) -> None:
     config = random_tiny_config(seed)
     ours = LongcatForCausalLM(config, seed=seed).eval()
     perturb(ours, seed)
-    ours.save_pretrained(tmp_path, zero_expert_stubs=TRANSFORMERS_5)
+    ours.save_pretrained(tmp_path, zero_expert_stubs=STUBS)
     theirs = _hf_model_from(tmp_path)
     ids = _ids(config, seed)
     with torch.no_grad():
@@ -108,3 +114,13 @@ def test_phantom_zero_expert_keys_are_reported(tmp_path) -> None:
         pytest.skip("this transformers version writes no zero-expert weights")
     with pytest.warns(UserWarning, match="zero-expert weight"):
         LongcatForCausalLM.from_pretrained(tmp_path)
+
+
+def test_the_other_layout_is_refused_here(tmp_path) -> None:
+    """transformers_needs_zero_expert_stubs matches the installed transformers: the layout it does not
+    pick fails to load, so the choice is not vacuous."""
+    config = random_tiny_config(2)
+    ours = LongcatForCausalLM(config, seed=2).eval()
+    ours.save_pretrained(tmp_path, zero_expert_stubs=not STUBS)
+    with pytest.raises(RuntimeError, match="gate_up_proj|size mismatch|mismatch"):
+        _hf_model_from(tmp_path)

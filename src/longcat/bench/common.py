@@ -69,16 +69,37 @@ def transformers_version() -> str | None:
     return transformers.__version__
 
 
+def transformers_experts_choice(config, dtype: torch.dtype) -> dict:  # noqa: ANN001 - LongcatConfig
+    """{"experts_implementation": "eager"} where transformers' default expert path cannot run these widths.
+
+    transformers >= 5.25 runs its experts through torch._grouped_mm, whose CPU kernel (torch 2.13)
+    refuses rows that are not a multiple of 16 bytes ("strides should be multiple of 16 bytes"), and
+    falls back to its per-expert loop only for misaligned pointers. For such widths (the tests' small
+    random configs) the anchor uses that loop; the presets' widths keep transformers' default path."""
+    import transformers
+
+    size = torch.empty((), dtype=dtype).element_size()
+    widths = (config.hidden_size, config.expert_ffn_hidden_size, 2 * config.expert_ffn_hidden_size)
+    if all(width * size % 16 == 0 for width in widths):
+        return {}
+    if not hasattr(transformers.PreTrainedModel, "set_experts_implementation"):
+        return {}  # a transformers with one expert path only
+    return {"experts_implementation": "eager"}
+
+
 def transformers_twin(model: torch.nn.Module) -> torch.nn.Module:
-    """transformers' LongcatFlashForCausalLM holding exactly `model`'s weights (through a checkpoint)."""
+    """transformers' LongcatFlashForCausalLM holding exactly `model`'s weights (through a checkpoint),
+    in the layout that transformers reads (checkpoint.transformers_needs_zero_expert_stubs)."""
     import transformers
     from transformers import LongcatFlashForCausalLM
 
-    stubs = int(transformers.__version__.split(".")[0]) >= 5
+    from ..checkpoint import transformers_needs_zero_expert_stubs
+
+    choice = transformers_experts_choice(model.config, model.dtype)
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp, zero_expert_stubs=stubs)
+        model.save_pretrained(tmp, zero_expert_stubs=transformers_needs_zero_expert_stubs(transformers.__version__))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-            twin = LongcatFlashForCausalLM.from_pretrained(tmp, dtype=model.dtype)
+            twin = LongcatFlashForCausalLM.from_pretrained(tmp, dtype=model.dtype, **choice)
     return twin.to(model.device).train(model.training)

@@ -7,7 +7,7 @@ a fixed number of output tokens (our `ignore_eos`; transformers' `min_new_tokens
 output tokens/s over the wall time of the level, time to first token and time per output token
 (p50/p99 over requests). The anchor is the faster of transformers serve with and without its
 continuous batching, among the modes that serve the checkpoint; a mode that fails (to start, or on
-any request) is reported with its error and is not an anchor. (transformers 5.24 serves LongCat
+any request) is reported with its error and is not an anchor. (transformers 5.24 served LongCat
 without continuous batching; its paged cache cannot hold MLA's latent: docs/benchmarks.md.)
 Ratios: ours / anchor at 16 clients, and ours at 16 clients / ours at 1.
 """
@@ -123,7 +123,7 @@ def stream_once(
     client is the standard library's, so it costs the machine little next to the servers it measures."""
     start = time.perf_counter()
     first = last = None
-    tokens = 0
+    tokens = None
     connection.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
     response = connection.getresponse()
     if response.status != 200:
@@ -141,6 +141,8 @@ def stream_once(
             now = time.perf_counter()
             first = now if first is None else first
             last = now
+    if tokens is None:  # the count comes from the server's tokenizer only: text chunks may merge tokens
+        raise RuntimeError("the stream ended without a usage chunk (stream_options.include_usage)")
     ttft = None if first is None else first - start
     tpot = (last - first) / (tokens - 1) if first is not None and tokens > 1 else None
     return tokens, ttft, tpot
@@ -204,12 +206,23 @@ def _env(threads: int) -> dict:
 
 
 def transformers_copy(checkpoint: Path, out: Path) -> Path:
-    """The checkpoint as transformers 5.x loads it: with zero-expert stub rows (checkpoint.save_pretrained)."""
+    """The checkpoint in the layout the installed transformers reads (checkpoint.save_pretrained): a
+    checkpoint of either layout is rewritten, so the anchor serves the same weights whichever was saved.
+    Widths transformers' default expert path cannot run get its per-expert loop, named in config.json
+    (common.transformers_experts_choice), since `transformers serve` takes no such option."""
+    from ..checkpoint import installed_transformers_version, transformers_needs_zero_expert_stubs
     from ..data.prepare import copy_tokenizer
     from ..model.lm import LongcatForCausalLM
+    from .common import transformers_experts_choice
 
+    version = installed_transformers_version()
+    stubs = version is not None and transformers_needs_zero_expert_stubs(version)
     model = LongcatForCausalLM.from_pretrained(checkpoint)
-    model.save_pretrained(out, zero_expert_stubs=True)
+    model.save_pretrained(out, zero_expert_stubs=stubs)
+    choice = transformers_experts_choice(model.config, model.dtype)
+    if choice:
+        config = json.loads((out / "config.json").read_text())
+        (out / "config.json").write_text(json.dumps({**config, **choice}, indent=2) + "\n")
     copy_tokenizer([p for p in (checkpoint / "tokenizer.json", checkpoint / "tokenizer_config.json") if p.is_file()],
                    out)  # fmt: skip
     return out
@@ -278,7 +291,7 @@ def transformers_anchors(root: Path, eos: int, max_tokens: int, requests_per_cli
 
         def theirs(i: int) -> dict:
             return {"model": model_id, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "stream": True,
-                    "generation_config": generation}  # fmt: skip
+                    "stream_options": {"include_usage": True}, "generation_config": generation}  # fmt: skip
 
         cli = shutil.which("transformers", path=str(Path(sys.executable).parent)) or "transformers"
         for name, flags in (("transformers serve", []), ("transformers serve --continuous-batching",
