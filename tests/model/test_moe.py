@@ -26,8 +26,17 @@ UNALIGNED = dict(hidden_size=46, expert_ffn_hidden_size=13)  # the loop-over-gro
 @pytest.mark.parametrize("sizes", [UNALIGNED, ALIGNED], ids=["fallback", "grouped-gemm"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("static_shapes", [False, True])
-def test_grouped_matches_loop_values_and_grads(seed: int, static_shapes: bool, sizes: dict) -> None:
-    """The grouped path (the fused CPU kernel off; test_cpu_kernels.py checks the kernel)."""
+def test_grouped_matches_loop_values_and_grads(seed: int, static_shapes: bool, sizes: dict, monkeypatch) -> None:
+    """The grouped path (the fused CPU kernel off; test_cpu_kernels.py checks the kernel); the aligned
+    case runs the grouped GEMM kernel and the unaligned one the loop, each counted."""
+    import longcat.model.moe as moe_module
+
+    if sizes is ALIGNED and not moe_module.grouped_mm_available():
+        pytest.skip("this torch has no grouped GEMM kernel: the aligned case would test the fallback again")
+    moe_module.grouped_mm_available()  # its one-time probe calls the kernel too: before counting
+    kernel_calls = []
+    kernel = moe_module._grouped_mm
+    monkeypatch.setattr(moe_module, "_grouped_mm", lambda *a: kernel_calls.append(1) or kernel(*a))
     moe = _moe(seed, n_routed_experts=7, zero_expert_num=3, moe_topk=3, **sizes)
     x = torch.randn(37, moe.router.classifier.in_features)
     routing = moe.router(x)
@@ -42,6 +51,43 @@ def test_grouped_matches_loop_values_and_grads(seed: int, static_shapes: bool, s
     g_ref = torch.autograd.grad(ref, [xs[1], *params], grad_out)
     for a, b in zip(g_fast, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)
+    assert bool(kernel_calls) == (sizes is ALIGNED), f"{len(kernel_calls)} grouped GEMM call(s)"
+
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                     reason="needs a CUDA device")]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("device", DEVICES)
+def test_static_dispatch_matches_the_loop(device: str, dtype: torch.dtype) -> None:
+    """The accelerator default (static shapes, no host sync), forced on CPU too, against the loop: the
+    output and the gradients of the input and both expert weights, each no further from a float64 run
+    of the loop than the loop itself in `dtype` (outputs reach |150| here: bf16's rounding is ~0.5)."""
+    moe = _moe(0, n_routed_experts=8, zero_expert_num=4, moe_topk=3, **ALIGNED).to(device=device, dtype=torch.float64)
+    x = torch.randn(200, ALIGNED["hidden_size"], device=device, dtype=torch.float64)
+    routing = moe.router(x)  # one routing for every run, so the runs differ in the experts' arithmetic only
+    assert bool((routing.indices >= 8).any()), "some slots should go to zero experts"
+
+    def run(fn, dtype: torch.dtype) -> list[torch.Tensor]:  # noqa: ANN001
+        experts = moe.experts.to(dtype)
+        inputs = [x.to(dtype).requires_grad_(), routing.weights.detach().to(dtype).requires_grad_()]
+        out = fn(experts, inputs[0], routing.indices, inputs[1])
+        grads = torch.autograd.grad(out.float().sum(), [*inputs, experts.gate_up_proj, experts.down_proj])
+        return [t.detach().double() for t in (out, *grads)]
+
+    static = lambda experts, *args: experts(*args, static_shapes=True)  # noqa: E731
+    gold = run(experts_reference, torch.float64)
+    loop, fast = run(experts_reference, dtype), run(static, dtype)
+    names = ("output", "grad x", "grad gate weights", "grad gate_up_proj", "grad down_proj")
+    for name, f, lp, g in zip(names, fast, loop, gold):
+        scale = g.abs().max().item()
+        loop_err, fast_err = (lp - g).abs().max().item(), (f - g).abs().max().item()
+        assert loop_err <= (2e-2 if dtype == torch.bfloat16 else 1e-5) * scale, (name, loop_err, scale)
+        assert fast_err <= 2 * loop_err + 1e-6 * scale, (name, fast_err, loop_err)
 
 
 @pytest.mark.parametrize("path", ["forward_gathered", "forward_all_experts"])

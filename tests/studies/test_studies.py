@@ -8,7 +8,7 @@ import pytest
 
 from longcat.cli import main
 from longcat.studies.catalog import STUDIES
-from longcat.studies.runner import run_study, verdict, write_report
+from longcat.studies.runner import Arm, Study, run_study, summarise, verdict, write_report
 
 
 def test_verdict_rule() -> None:
@@ -24,6 +24,18 @@ def test_verdict_rule() -> None:
     assert verdict([0.2, 0.3], 0.05, 0)[0] == "not reproduced"
 
 
+@pytest.mark.parametrize("claimed_sign", [-1, +1, 0])
+def test_summary_applies_the_rule_to_the_recorded_effects(claimed_sign: int) -> None:
+    """B lower than A by 0.5 in both seeds, seeds 0.1 apart: the claim's sign decides the verdict."""
+    study = Study("s", "q", "c", [Arm("A", {}), Arm("B", {})], base={}, quick={}, claimed_sign=claimed_sign)
+    loss = {("A", 0): 3.0, ("A", 1): 3.1, ("B", 0): 2.5, ("B", 1): 2.6}
+    results = {f"{arm}/seed{seed}": {"arm": arm, "seed": seed, "val_loss": v} for (arm, seed), v in loss.items()}
+    summary = summarise(study, results)
+    assert summary["compare"] == ["A", "B"] and summary["effects"] == pytest.approx([-0.5, -0.5])
+    assert summary["spread"] == pytest.approx(0.1)
+    assert summary["verdict"] == {-1: "reproduced", +1: "not reproduced", 0: "not reproduced"}[claimed_sign]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(STUDIES))
 def test_quick_study_end_to_end(name, small_data, tmp_path) -> None:
@@ -37,8 +49,21 @@ def test_quick_study_end_to_end(name, small_data, tmp_path) -> None:
     for arm in study.arms:
         assert f"| {arm.name} | {seeds} |" in text
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["verdict"] in ("reproduced", "not reproduced", "inconclusive")
-    assert len(summary["effects"]) == seeds
+    # the verdict is the rule applied to the effects the runs recorded, recomputed here from results
+    a, b = summary["compare"]
+    metric = {(r["arm"], r["seed"]): r[study.metric] for r in results.values()}
+    run_seeds = sorted({seed for _arm, seed in metric})
+    if a == b:  # one arm: the metric itself, its range over seeds the spread
+        effects = [metric[(a, s)] for s in run_seeds]
+        spread = max(effects) - min(effects)
+    else:
+        effects = [metric[(b, s)] - metric[(a, s)] for s in run_seeds]
+        spread = max(max(metric[(arm, s)] for s in run_seeds) - min(metric[(arm, s)] for s in run_seeds)
+                     for arm in (a, b))  # fmt: skip
+    assert summary["effects"] == pytest.approx(effects) and len(effects) == seeds
+    assert summary["spread"] == pytest.approx(spread)
+    expected = verdict(effects, spread, study.claimed_sign)[0]
+    assert summary["verdict"] == expected and f"## Verdict: **{expected}**" in text
     # --resume keeps finished runs: nothing is trained again
     again = run_study(study, tmp_path, seeds=seeds, quick=True, data=str(small_data), resume=True, progress=False)
     assert again == results
