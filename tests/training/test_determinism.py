@@ -71,6 +71,31 @@ def test_two_processes_write_identical_weights(reference, small_data, tmp_path) 
         }
 
 
+GOLDEN = Path(__file__).with_name("golden_fp32_runs.json")
+# what the bits of a deterministic fp32 CPU run depend on besides the code (determinism.py)
+GOLDEN_KEY = ("torch", "cpu_model", "cpu_instruction_set", "blas", "blas_reproducibility", "threads", "moe_path")
+
+
+def test_the_fp32_cpu_run_keeps_its_golden_bits(reference) -> None:
+    """The CPU fp32 path's results, pinned: the final weights and the losses of the reference run
+    against a record made on a machine of the same kind before the GPU-speed work (issue 21) began.
+    LONGCAT_RECORD_GOLDEN=1 adds this machine's record when it has none."""
+    record = json.loads((reference / "environment.json").read_text())["reproducibility"]
+    key = {k: record[k] for k in GOLDEN_KEY}
+    losses = [row["loss"] for row in map(json.loads, (reference / "metrics.jsonl").read_text().splitlines())
+              if "loss" in row]  # fmt: skip
+    observed = {"machine": key, "final_sha256": final_hashes(reference), "losses": losses}
+    golden = json.loads(GOLDEN.read_text()) if GOLDEN.is_file() else []
+    match = [g for g in golden if g["machine"] == key]
+    if not match and os.environ.get("LONGCAT_RECORD_GOLDEN") == "1":
+        GOLDEN.write_text(json.dumps([*golden, observed], indent=2) + "\n")
+        match = [observed]
+    if not match:
+        pytest.skip(f"no golden fp32 record for this machine ({key}); LONGCAT_RECORD_GOLDEN=1 adds one")
+    assert observed["losses"] == match[0]["losses"]
+    assert observed["final_sha256"] == match[0]["final_sha256"]
+
+
 def test_environment_record_names_what_reproducibility_depends_on(reference) -> None:
     data = json.loads((reference / "environment.json").read_text())
     assert data["run_format_version"] == 2
