@@ -132,6 +132,22 @@ def test_bench_train_reports_speedup_and_mfu(small_data, capsys) -> None:
     assert result["speedup_vs_transformers"] > 0 and 0 < result["mfu"] < 1
 
 
+@pytest.mark.slow
+def test_bench_train_in_the_bf16_recipe_with_model_overrides(small_data, capsys) -> None:
+    """--dtype bfloat16 is the autocast recipe on this device, its MFU against a bf16 matmul peak; --set
+    model.FIELD picks a model without a preset."""
+    pytest.importorskip("transformers")
+    from longcat.cli import main
+
+    args = ["bench", "train", "--preset", "tiny", "--batch", "2", "--seq-len", "32", "--rounds", "1", "--dtype",
+            "bfloat16", "--set", "model.hidden_size=48", "--set", "model.num_layers=1"]  # fmt: skip
+    assert main([*args, "--data", str(small_data)]) == 0
+    text = capsys.readouterr().out
+    assert "bf16 autocast, fp32 master weights" in text and "model.hidden_size=48" in text
+    assert "(bfloat16)" in text and "peak bf16 matmul" in text
+    assert main(["bench", "decode", "--dtype", "bfloat16"]) == 2
+
+
 def test_data_without_held_out_text_reports_no_validation_loss(small_data, tmp_path, capsys) -> None:
     """One plain-text file is one document: nothing is held out, and training says so instead of
     logging a validation loss of 0."""

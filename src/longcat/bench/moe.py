@@ -27,13 +27,16 @@ def run(
     seed: int = 0,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
+    overrides: dict | None = None,
 ) -> dict:
-    """The MoE layer at each batch size (sequences of seq_len tokens), then the whole model once."""
-    config = LongcatConfig.from_preset(preset)
+    """The MoE layer at each batch size (sequences of seq_len tokens), then the whole model once.
+    dtype is the weights' (bf16 weights: the layer as a bf16 model runs it); overrides: model fields."""
+    config = LongcatConfig.from_preset(preset, **(overrides or {}))
     model = LongcatForCausalLM(config, seed=seed, device=device, dtype=dtype).train()
     twin = transformers_twin(model) if transformers_version() is not None else None
     result: dict = {
         "preset": preset,
+        "overrides": overrides or {},
         "seq_len": seq_len,
         "transformers": transformers_version(),
         "machine": machine(),
@@ -93,7 +96,7 @@ def _layer(model, twin, batch: int, seq_len: int, rounds: int, seed: int) -> dic
         "tokens": x.shape[0],
         "ffn_experts_per_token": ffn_per_token,
         "dense_width": dense_width,
-        "experts_path": "fused CPU kernel" if fused else "grouped",
+        "experts_path": ours.experts.path(x.shape[0], config.moe_topk, device, dtype),
     }
     if twin is not None:
         theirs = twin.model.layers[0].mlp

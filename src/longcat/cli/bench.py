@@ -8,11 +8,35 @@ import json
 from ..inference.generate import GenerationError
 
 
+def _model_overrides(assignments: list[str]) -> dict:
+    """`--set model.FIELD=VALUE` as a dict of model config fields (VALUE is JSON, bare words strings)."""
+    from ..config import ConfigError
+
+    fields = {}
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.startswith("model."):
+            raise ConfigError(f"--set {item!r}: bench moe takes model.FIELD=VALUE (the model config's fields)")
+        try:
+            fields[key.removeprefix("model.")] = json.loads(raw)
+        except json.JSONDecodeError:
+            fields[key.removeprefix("model.")] = raw
+    return fields
+
+
 def run(args: argparse.Namespace) -> int:
+    from ..config import ConfigError
+
+    if args.name in ("decode", "ep", "serve") and (args.device != "cpu" or args.dtype != "float32" or args.set):
+        raise ConfigError(f"bench {args.name} runs on the CPU in fp32 with its own flags: --device, --dtype and "
+                          "--set apply to bench train and bench moe")  # fmt: skip
     if args.name == "moe":
+        import torch
+
         from ..bench import moe
 
-        kwargs = {"preset": args.preset, "rounds": args.rounds, "seq_len": args.seq_len}
+        kwargs = {"preset": args.preset, "rounds": args.rounds, "seq_len": args.seq_len, "device": args.device,
+                  "dtype": getattr(torch, args.dtype), "overrides": _model_overrides(args.set or [])}  # fmt: skip
         if args.batch:
             kwargs["batches"] = tuple(args.batch)
         result = moe.run(**kwargs)
@@ -21,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     if args.name == "train":
         from ..bench import train
 
-        kwargs = {"preset": args.preset, "rounds": args.rounds, "seq_len": args.seq_len, "data_dir": args.data}
+        kwargs = {"preset": args.preset, "rounds": args.rounds, "seq_len": args.seq_len, "data_dir": args.data,
+                  "device": args.device, "dtype": args.dtype, "overrides": args.set or []}  # fmt: skip
         if args.batch:
             kwargs["batch"] = args.batch[0]
         result = train.run(**kwargs)
@@ -74,4 +99,14 @@ def add_parser(sub) -> None:  # noqa: ANN001 - argparse's subparsers action
     bench.add_argument("--seq-len", type=int, default=256)
     bench.add_argument("--rounds", type=int, default=10, help="timed rounds (the median is reported)")
     bench.add_argument("--data", help="train: a prepared data directory (default: the embedded corpus)")
+    bench.add_argument("--device", default="cpu", help="train, moe: cpu or cuda (cuda:N)")
+    bench.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"],
+        help="train: bfloat16 is the bf16 autocast recipe (fp32 master weights); moe: the weights' dtype",
+    )  # fmt: skip
+    bench.add_argument(
+        "--set", action="append", metavar="KEY=VALUE",
+        help="train: a training config field (model.FIELD for the model, e.g. model.hidden_size=1024); "
+        "moe: model.FIELD only; repeatable",
+    )  # fmt: skip
     bench.set_defaults(func=run)

@@ -12,9 +12,16 @@ experts add `x * (sum of their gate weights)`, drop experts add nothing.
 On CPU in fp32 the gather, GEMMs, SwiGLU and scatter of each expert run fused in a compiled kernel
 where it can be built (cpu_kernels.py); the grouped path is its fallback and the path elsewhere.
 
-Host syncs: on CPU we read F once per layer (free there) and compute exactly F rows. On accelerators
-shapes stay static (all A rows; the grouped GEMM leaves rows past the last offset unwritten, so those
-rows are masked out on the way in and out) and nothing waits for the device.
+Host syncs: on CPU we read F once per layer (free there) and compute exactly F rows. On the accelerator
+path (accelerators, torch.compile, or tuning.ACCELERATOR_PATH forcing it on the CPU) shapes stay static
+(all A rows; the grouped GEMM leaves rows past the last offset unwritten, so those rows are masked out on
+the way in and out), unaligned widths are zero-padded for the grouped GEMM rather than looped over, and
+nothing waits for the device.
+
+Under autocast (the bf16 recipe: fp32 residual stream and master weights) the input and each stacked
+weight are cast to the autocast dtype once per call, the grouped GEMMs run in it, and the output
+returns in the input's dtype; `torch._grouped_mm` is on no autocast list, so without this it would see
+fp32 operands, which its CUDA kernel refuses.
 
 Decoding (A <= 64 slots) and torch.compile take one of two static-shape paths with no sort instead:
 `forward_all_experts` runs every expert on the few tokens (one GEMM over all stacked experts, gates
@@ -38,6 +45,14 @@ from ..config import LongcatConfig
 from . import tuning
 from .cpu_kernels import fused_experts, fused_experts_apply, fused_experts_take, unavailable_reason
 from .router import Router, Routing
+
+
+def accelerator_path(device: torch.device) -> bool:
+    """Whether the MoE takes the accelerator path (static shapes, no host read, no fused CPU kernel):
+    on accelerators and under torch.compile, or anywhere when tuning.ACCELERATOR_PATH forces it."""
+    if tuning.ACCELERATOR_PATH is not None:
+        return tuning.ACCELERATOR_PATH
+    return device.type != "cpu" or torch.compiler.is_compiling()
 
 
 @functools.cache
@@ -75,16 +90,44 @@ def _grouped_mm_takes(device: torch.device, dtype: torch.dtype, dims: tuple[int,
     return all(dim * size % 16 == 0 for dim in dims)
 
 
-def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def grouped_how(device: torch.device, dtype: torch.dtype, dims: tuple[int, ...], sync_free: bool) -> str:
+    """How grouped_matmul runs for these operands: "kernel" (the grouped GEMM), "padded" (the grouped
+    GEMM on operands zero-padded to 16-byte rows: the accelerator path, which must not wait for the
+    device, takes it where widths are unaligned) or "loop" (one GEMM per group after a host read of the
+    offsets: the CPU's dynamic path, and any platform without a grouped GEMM for this dtype)."""
+    if _grouped_mm_takes(device, dtype, dims):
+        return "kernel"
+    if sync_free and _grouped_mm_takes(device, dtype, tuple(_aligned(d, dtype) for d in dims)):
+        return "padded"
+    return "loop"
+
+
+_HOW_NAMES = {"kernel": "grouped GEMM", "padded": "grouped GEMM, padded rows", "loop": "grouped, per-expert GEMM loop"}
+
+
+def _aligned(dim: int, dtype: torch.dtype) -> int:
+    step = 16 // torch.empty((), dtype=dtype).element_size()
+    return -(-dim // step) * step
+
+
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, how: str | None = None) -> torch.Tensor:
     """Row block g of x [rows, k] times w[g] [k, n]; offsets [G] int32 are the blocks' cumulative ends.
 
-    Rows past offsets[-1] are unspecified. Where the platform has no grouped GEMM for these operands
-    (torch < 2.8, unaligned sizes, fp32 on CUDA) it loops over groups after one host sync."""
-    if _grouped_mm_applies(x, w):
+    Rows past offsets[-1] are unspecified. `how` as grouped_how chose it (default: the kernel where
+    it applies, else the loop)."""
+    if how is None:
+        how = "kernel" if _grouped_mm_applies(x, w) else "loop"
+    if how == "kernel":
         return _grouped_mm(x, w, offsets)
+    if how == "padded":
+        k, n = w.shape[-2:]
+        pk, pn = _aligned(k, w.dtype) - k, _aligned(n, w.dtype) - n
+        return _grouped_mm(F.pad(x, (0, pk)), F.pad(w, (0, pn, 0, pk)), offsets)[:, :n]
     ends = offsets.tolist()
     sizes = [end - start for start, end in zip([0, *ends[:-1]], ends)]
-    blocks = [block @ w[g] for g, block in enumerate(x[: ends[-1]].split(sizes)) if sizes[g]]
+    # unbind: one backward that stacks the per-expert gradients, not one full-size zero tensor per expert
+    weights = w.unbind(0)
+    blocks = [block @ weights[g] for g, block in enumerate(x[: ends[-1]].split(sizes)) if sizes[g]]
     blocks.append(x.new_zeros(x.shape[0] - ends[-1], w.shape[-1]))
     return torch.cat(blocks)
 
@@ -174,6 +217,7 @@ class Experts(nn.Module):
         self.width = config.expert_ffn_hidden_size
         self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.width, config.hidden_size))
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, self.width))
+        self.last_path: str | None = None  # what the last call ran (_record)
 
     def forward(
         self,
@@ -193,14 +237,19 @@ class Experts(nn.Module):
             if fixed_path:  # still connected to the rows and the weights, so their backward runs as elsewhere
                 return x * 0 + 0 * (self.gate_up_proj.sum() + self.down_proj.sum())
             return torch.zeros_like(x)
+        # under autocast the residual stream and the master weights stay fp32, and the grouped GEMM is on
+        # no autocast list: cast the input and each stacked weight once here, as torchtitan's experts do
+        compute = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         if not fixed_path and (
             T * K <= tuning.GATHER_SLOTS or torch.compiler.is_compiling()
         ):  # thresholds: see tuning.py
             if 3 * T * K >= N and T <= tuning.ALL_EXPERTS_TOKENS:
+                self._record("static: all experts", compute)
                 return self.forward_all_experts(x, indices, weights)
+            self._record("static: gathered weights", compute)
             return self.forward_gathered(x, indices, weights)
         if static_shapes is None:
-            static_shapes = x.device.type != "cpu" or torch.compiler.is_compiling()
+            static_shapes = accelerator_path(x.device)
         flat = indices.reshape(-1)  # [A]
         order = _sort_by_expert(flat, N, static_shapes)  # [A] FFN slots grouped by expert, zero slots last
         counts = torch.zeros(N + 1, dtype=torch.int32, device=x.device)
@@ -209,37 +258,48 @@ class Experts(nn.Module):
         if not static_shapes:
             order = order[: int(offsets[-1])]  # [F]
         token = order // K  # [F] source token of each sorted slot
-        gate = weights.reshape(-1).index_select(0, order).to(x.dtype)  # [F]
+        gate = weights.reshape(-1).index_select(0, order).to(compute)  # [F]
         if not static_shapes and fused_experts_apply(x, self.gate_up_proj, self.down_proj):
+            self._record("fused CPU kernel", compute)
             return fused_experts(x, gate, self.gate_up_proj, self.down_proj, token, counts[:N])
-        rows = _gather_rows(x, token)  # [F, H]
+        how = grouped_how(x.device, compute, (x.shape[-1], 2 * self.width, self.width), static_shapes)
+        self._record(_HOW_NAMES[how], compute)
+        rows = _gather_rows(x.to(compute), token)  # [F, H]
         if static_shapes:
             # rows past offsets[-1] (zero-expert slots) hold unspecified values in both directions:
             # `where` keeps them out of the output and, in backward, out of every gradient
             valid = (torch.arange(order.numel(), device=x.device) < offsets[-1]).unsqueeze(-1)
             rows = torch.where(valid, rows, 0)
             gate = torch.where(valid.squeeze(-1), gate, 0)
-        h = grouped_matmul(rows, self.gate_up_proj.transpose(1, 2), offsets)  # [F, 2I]
+        h = grouped_matmul(rows, self.gate_up_proj.to(compute).transpose(1, 2), offsets, how)  # [F, 2I]
         # the gate multiplies the I-wide activation, not the H-wide output (same result, less work)
         a = _GatedSwiGLU.apply(h, gate)  # [F, I]
-        y = grouped_matmul(a, self.down_proj.transpose(1, 2), offsets)  # [F, H]
+        y = grouped_matmul(a, self.down_proj.to(compute).transpose(1, 2), offsets, how)  # [F, H]
         if static_shapes:
             y = torch.where(valid, y, 0)
-        return _scatter_add_rows(y, token, T)
+        return _scatter_add_rows(y, token, T).to(x.dtype)
+
+    def _record(self, path: str, dtype: torch.dtype) -> None:
+        """last_path: what the last call ran, in words (training writes it to environment.json)."""
+        if not torch.compiler.is_compiling():
+            self.last_path = path if dtype == torch.float32 else f"{path} ({str(dtype).removeprefix('torch.')})"
 
     def path(self, tokens: int, top_k: int, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
-        """Which of `forward`'s paths a call with this many tokens takes outside torch.compile, in words.
-        The paths round differently, so training records it (training/determinism.py)."""
+        """Which of `forward`'s paths a call with this many tokens takes outside torch.compile, in words,
+        predicted before any call (`last_path` says what a call ran). The paths round differently, so
+        training records it (training/determinism.py)."""
         if tokens * top_k <= tuning.GATHER_SLOTS:
             return "static: all experts" if tokens <= tuning.ALL_EXPERTS_TOKENS else "static: gathered weights"
-        if device.type == "cpu":
+        static = accelerator_path(device)
+        why = None
+        if device.type == "cpu" and not static:
             if fused_experts_take(device, dtype, tokens, self.gate_up_proj.shape[-1], self.width):
                 return "fused CPU kernel"
             why = unavailable_reason() if dtype == torch.float32 else f"{dtype} operands"
-        else:
-            why = None
-        grouped = _grouped_mm_takes(device, dtype, (self.gate_up_proj.shape[-1], 2 * self.width, self.width))
-        path = "grouped GEMM" if grouped else "grouped, per-expert GEMM loop"
+        how = grouped_how(device, dtype, (self.gate_up_proj.shape[-1], 2 * self.width, self.width), static)
+        path = _HOW_NAMES[how]
+        if dtype != torch.float32:
+            path = f"{path} ({str(dtype).removeprefix('torch.')})"
         return f"{path} ({why})" if why else path
 
     def forward_gathered(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

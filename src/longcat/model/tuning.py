@@ -7,6 +7,9 @@ hardware can change them (`longcat.model.tuning.GATHER_SLOTS = 128`); the measur
 are in docs/benchmarks.md ("Decode", "Fused CPU kernel").
 
 MoE dispatch (model/moe.py), for a call with T tokens, K slots per token and N FFN experts:
+- ACCELERATOR_PATH: None chooses by device (the accelerator path, static shapes with no host read
+  and no fused CPU kernel, on accelerators and under torch.compile); True forces that path on the CPU
+  too, so the CPU suite runs what a GPU runs; False forces the CPU's dynamic path.
 - T * K <= GATHER_SLOTS (and always under torch.compile): a static-shape path with no sort and no
   host sync, which decoding and speculative verification take. Above it, the sorted grouped dispatch
   (or the fused CPU kernel), whose sort and per-expert GEMMs cost a fixed overhead that only pays off
@@ -32,6 +35,7 @@ Decoding on the CPU (inference/generate.py):
 
 from __future__ import annotations
 
+ACCELERATOR_PATH: bool | None = None
 GATHER_SLOTS = 64
 ALL_EXPERTS_TOKENS = 8
 FUSED_BUFFER_LIMIT = 256 << 20

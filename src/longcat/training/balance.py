@@ -24,6 +24,7 @@ D groups of FFN experts (one per expert-parallel device).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -120,6 +121,13 @@ def group_of_experts(num_ffn: int, num_zero: int, groups: int) -> torch.Tensor:
     return torch.cat((ffn, torch.full((num_zero,), groups)))
 
 
+@functools.lru_cache(maxsize=64)
+def _group_index(num_ffn: int, num_zero: int, groups: int, device: torch.device) -> torch.Tensor:
+    """group_of_experts on `device`, made once: a host-to-device copy per layer and micro-batch would
+    make the host wait on an accelerator."""
+    return group_of_experts(num_ffn, num_zero, groups).to(device)
+
+
 def load_balance_loss(
     routing: Routing,
     num_ffn: int,
@@ -141,10 +149,13 @@ def load_balance_loss(
     """
     probs, indices = routing.probs, routing.indices  # [T, E], [T, K]
     T, E = probs.shape
-    group = group_of_experts(num_ffn, E - num_ffn, groups).to(probs.device)  # [E]
+    group = _group_index(num_ffn, E - num_ffn, groups, probs.device)  # [E]
     P = torch.zeros(groups + 1, device=probs.device, dtype=probs.dtype).index_add_(0, group, probs.sum(0)) / T
     with torch.no_grad():
-        hits = torch.bincount(group[indices.reshape(-1)], minlength=groups + 1).to(probs.dtype)
+        # counted with index_add_ rather than bincount, which reads its input's maximum to the host
+        chosen = group[indices.reshape(-1)]  # [T K]
+        hits = torch.zeros(groups + 1, device=probs.device, dtype=probs.dtype)
+        hits.index_add_(0, chosen, torch.ones_like(chosen, dtype=probs.dtype))
         tokens = torch.full((1,), float(T), device=probs.device, dtype=probs.dtype)
         if reduce is not None:
             reduce(hits, tokens)
@@ -157,5 +168,4 @@ def load_balance_loss(
 
 def lb_probability_gradient(f: torch.Tensor, num_ffn: int, num_experts: int, groups: int) -> torch.Tensor:
     """d L_LB / d P for the batch-averaged expert probability vector P [E]: f of each expert's group."""
-    group = group_of_experts(num_ffn, num_experts - num_ffn, groups).to(f.device)
-    return f[group]
+    return f[_group_index(num_ffn, num_experts - num_ffn, groups, f.device)]

@@ -127,15 +127,16 @@ def run_format(run_dir: Path) -> int | None:
     return 1 if list_checkpoints(run_dir / "checkpoints") else None
 
 
-def write_environment(run_dir: Path, record: dict, step: int) -> None:
+def write_environment(run_dir: Path, record: dict, step: int, amend: bool = False) -> None:
     """environment.json: the layout version and what bitwise reproducibility depends on (determinism.py).
-    A resume under another environment keeps the earlier records, each with the step it ran until."""
+    A resume under another environment keeps the earlier records, each with the step it ran until;
+    amend=True corrects the current record instead (what the first step found it ran)."""
     path = run_dir / ENVIRONMENT_FILE
     data = {"run_format_version": RUN_FORMAT_VERSION, "reproducibility": record, "earlier": []}
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
         data["earlier"] = old.get("earlier", [])
-        if old.get("reproducibility") not in (None, record):
+        if not amend and old.get("reproducibility") not in (None, record):
             data["earlier"].append({"until_step": step, "reproducibility": old["reproducibility"]})
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")

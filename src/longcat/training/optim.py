@@ -13,6 +13,7 @@ import math
 import torch
 
 from ..distributed import collectives
+from ..model import tuning
 from .config import LR_GROUPS, TrainConfig
 
 ROLES = LR_GROUPS
@@ -51,7 +52,21 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
         for role, params in groups.items()
         if params
     ]
-    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
+    params = [p for group in param_groups for p in group["params"]]
+    return torch.optim.AdamW(
+        param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=fused_step(params, cfg) or None
+    )
+
+
+def fused_step(params: list[torch.nn.Parameter], cfg: TrainConfig) -> bool:
+    """Whether the step takes the fused kernels (fused AdamW, foreach clipping, chunked loss): on an
+    accelerator, and in the bf16 recipe. The CPU fp32 path keeps PyTorch's per-parameter AdamW and the
+    summed squares below, whose results the golden run pins bit for bit. (Sharded CPU parameters keep
+    them too: the fused CPU AdamW is not registered for DTensors of gloo meshes.)"""
+    device = params[0].device.type if params else "cpu"
+    if device != "cpu" or tuning.ACCELERATOR_PATH:  # forced: the CPU runs the step as a GPU does
+        return True
+    return cfg.dtype == "bfloat16" and not any(isinstance(p, torch.distributed.tensor.DTensor) for p in params)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -77,21 +92,32 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 @torch.no_grad()
-def clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+def clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float, foreach: bool = False) -> torch.Tensor:
     """Scale the gradients so their global L2 norm is at most max_norm (inf: measure only); returns the
     norm before clipping. The norm is the square root of summed fp32 squares, over every rank's shards
     when training is distributed (each element is held by exactly one rank: dense shards over N
     ranks, expert shards over N/E x E), so one process and N give the same value. (PyTorch's
     clip_grad_norm_ takes per-tensor norms whose CPU kernel is off by up to 2e-4 relative on a
-    [4096, 128] gradient here, and cannot combine DTensors of two meshes.)"""
+    [4096, 128] gradient here, and cannot combine DTensors of two meshes.)
+
+    foreach: the per-tensor norms and the scaling as one `_foreach` kernel each (accelerators and the
+    bf16 recipe: fused_step), instead of two kernels per parameter. Every rank enters the reduction,
+    with zero when it holds no gradient."""
     grads = [collectives.local(p.grad) for p in parameters if p.grad is not None]
+    device = parameters[0].device if parameters else torch.device("cpu")
     if not grads:
-        return torch.zeros(())
-    squares = torch.stack([g.float().pow(2).sum() for g in grads]).sum()
+        squares = torch.zeros((), device=device)
+    elif foreach:
+        squares = torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)).pow(2).sum()
+    else:
+        squares = torch.stack([g.float().pow(2).sum() for g in grads]).sum()
     collectives.sum_(squares)
     norm = squares.sqrt()
-    if max_norm > 0 and math.isfinite(max_norm):
+    if grads and max_norm > 0 and math.isfinite(max_norm):
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for g in grads:
-            g.mul_(coef.to(g.dtype))
+        if foreach:
+            torch._foreach_mul_(grads, coef)
+        else:
+            for g in grads:
+                g.mul_(coef.to(g.dtype))
     return norm

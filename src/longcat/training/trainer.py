@@ -56,7 +56,8 @@ from .checkpointing import (
 )
 from .config import TrainConfig
 from .determinism import configure_determinism, differences, environment
-from .optim import build_optimizer, clip_gradients, lr_at, set_lr
+from .loss import chunked_cross_entropy
+from .optim import build_optimizer, clip_gradients, fused_step, lr_at, set_lr
 from .progress import Progress, tensorboard_writer
 from .stability import hidden_stats, hidden_z_loss, router_cosine, small_gradient_share
 
@@ -81,10 +82,15 @@ def _device(name: str) -> torch.device:
 def _to(batch: Batch, device: torch.device) -> Batch:
     if device.type == "cpu":
         return batch
-    move = lambda t: None if t is None else t.to(device, non_blocking=True)
+    # from page-locked memory the copy is asynchronous: the host goes on queueing the step's kernels
+    move = lambda t: None if t is None else t.pin_memory().to(device, non_blocking=True)
     return Batch(
         *(move(getattr(batch, f)) for f in ("input_ids", "targets", "document_ids", "position_ids", "next_targets"))
     )
+
+
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), targets)
 
 
 class Trainer:
@@ -242,11 +248,32 @@ class Trainer:
             (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
             self.config.to_json_file(self.out / "model_config.json")
             self.tensorboard = tensorboard_writer(self.out / "tensorboard")
+        # the bf16 recipe: fp32 master weights, bf16 autocast, on a GPU and (slowly, but the same code) on a CPU
         self.autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if cfg.dtype == "bfloat16" and self.device.type == "cuda"
+            torch.autocast(self.device.type, dtype=torch.bfloat16)
+            if cfg.dtype == "bfloat16"
             else contextlib.nullcontext()
         )
+        # fused AdamW, foreach clipping and the chunked loss (optim.fused_step); the CPU fp32 path keeps its bits
+        self.fused = fused_step(list(self.model.parameters()), cfg)
+        self.cross_entropy = chunked_cross_entropy if self.fused else _cross_entropy
+
+    def _record_moe_path(self) -> None:
+        """environment.json names the MoE path the first step ran; before it, the one _moe_path predicted."""
+        ran = sorted({moe.experts.last_path for moe in self.model.moe_layers() if moe.experts.last_path})
+        if not ran:
+            return
+        recorded = self.environment["moe_path"]
+        prefix = (
+            recorded[: recorded.index("local experts: ") + len("local experts: ")]
+            if "local experts: " in recorded
+            else ""
+        )
+        actual = prefix + "; ".join(ran)
+        if actual != recorded:
+            self.environment["moe_path"] = actual
+            if self.is_main:
+                write_environment(self.out, self.environment, self.step, amend=True)
 
     def _moe_path(self) -> str:
         """The MoE path training takes, checked before step 1. Under --deterministic on the CPU the fused
@@ -260,7 +287,7 @@ class Trainer:
                     "compiler and ninja (pip install ninja), or set LONGCAT_CPU_KERNELS=0 to train on the grouped "
                     "path (every run of the series must then use it; environment.json records the path)"
                 )
-        dtype = torch.bfloat16 if self.cfg.dtype == "bfloat16" and self.device.type == "cuda" else torch.float32
+        dtype = torch.bfloat16 if self.cfg.dtype == "bfloat16" else torch.float32
         experts = self.model.moe_layers()[0].experts
         tokens = self.cfg.batch_size // self.world * self.cfg.seq_len
         return experts.path(tokens, self.config.moe_topk, self.device, dtype)
@@ -273,11 +300,11 @@ class Trainer:
                 batch.input_ids, document_ids=batch.document_ids, position_ids=batch.position_ids, return_mtp=use_mtp
             )
         V = config.vocab_size
-        lm = F.cross_entropy(out.logits.reshape(-1, V).float(), batch.targets.reshape(-1))
+        lm = self.cross_entropy(out.logits.reshape(-1, V), batch.targets.reshape(-1))
         parts = {"lm": lm}
         total = lm
         if use_mtp:
-            parts["mtp"] = F.cross_entropy(out.mtp_logits.reshape(-1, V).float(), batch.next_targets.reshape(-1))
+            parts["mtp"] = self.cross_entropy(out.mtp_logits.reshape(-1, V), batch.next_targets.reshape(-1))
             total = total + cfg.mtp_weight * parts["mtp"]
             if cfg.mtp_distill_weight > 0:
                 target = out.logits[:, 1:].detach().float().log_softmax(-1)  # main's view of token i + 2
@@ -335,7 +362,7 @@ class Trainer:
         max_norm = cfg.grad_clip if (cfg.grad_clip or 0) > 0 else float("inf")
         if self.layout is not None:
             finish_gradients(self.model, self.layout)
-        grad_norm_t = clip_gradients(list(self.model.parameters()), max_norm)
+        grad_norm_t = clip_gradients(list(self.model.parameters()), max_norm, foreach=self.fused)
         finite = collectives.all_true(finite_t & torch.isfinite(grad_norm_t))  # every rank skips, or none
         row = None
         if finite:
@@ -357,8 +384,8 @@ class Trainer:
         self.step += 1
         tokens *= self.world  # every rank trains on an equal share of the global batch
         self.tokens_seen += tokens
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()  # the clock must see the step's kernels finish
+        if monitor and self.device.type == "cuda":
+            torch.cuda.synchronize()  # the logged tokens/s must see the step's kernels finish
         elapsed = time.perf_counter() - start - (monitor_seconds if finite else 0.0)
         if not finite:
             if self.consecutive_bad >= cfg.max_nonfinite:
@@ -561,10 +588,14 @@ class Trainer:
         progress = Progress(cfg.max_steps, self.progress_enabled)
         last_eval: dict = {}
         status = ""
+        path_recorded = False
         try:
             while self.step < cfg.max_steps:
                 monitor = (self.step + 1) % cfg.log_every == 0 or self.step == 0
                 row = self.train_step(monitor)
+                if not path_recorded:
+                    self._record_moe_path()
+                    path_recorded = True
                 if row is not None:
                     self._log(row)
                     if self.is_main:
