@@ -32,7 +32,6 @@ gathers each slot's expert weights and runs batched matmuls.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -44,7 +43,7 @@ from torch.autograd.function import once_differentiable
 from ..config import LongcatConfig
 from . import tuning
 from .cpu_kernels import fused_experts, fused_experts_apply, fused_experts_take, unavailable_reason
-from .router import Router, Routing
+from .router import Router, Routing, is_recomputing
 
 
 def accelerator_path(device: torch.device) -> bool:
@@ -55,11 +54,22 @@ def accelerator_path(device: torch.device) -> bool:
     return device.type != "cpu" or torch.compiler.is_compiling()
 
 
-@functools.cache
+_grouped_mm_probe: list[bool] = []  # the probe's answer, once known
+
+
 def grouped_mm_available() -> bool:
     """Whether this build has a grouped GEMM that runs. Probed on first use, not at import: the probe
     is a BLAS call, and MKL's reproducible mode (training/determinism.py) can only be chosen before the
-    process's first one."""
+    process's first one. Under torch.compile it cannot be probed (the call would be traced): a graph
+    traced before the eager probe takes the loop (training/wrapping.py probes before compiling)."""
+    if not _grouped_mm_probe:
+        if torch.compiler.is_compiling():
+            return False
+        _grouped_mm_probe.append(_probe_grouped_mm())
+    return _grouped_mm_probe[0]
+
+
+def _probe_grouped_mm() -> bool:
     if not hasattr(F, "grouped_mm") and not hasattr(torch, "_grouped_mm"):
         return False
     try:
@@ -81,10 +91,11 @@ def _grouped_mm_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def _grouped_mm_takes(device: torch.device, dtype: torch.dtype, dims: tuple[int, ...]) -> bool:
-    """The grouped GEMM kernels want 16-byte aligned rows, fp32/bf16/fp16 operands, and on CUDA bf16."""
+    """The grouped GEMM kernels want 16-byte aligned rows, fp32/bf16/fp16 operands, and on CUDA (and
+    under torch.compile, whose shape function says so) bf16."""
     if dtype not in (torch.float32, torch.bfloat16, torch.float16) or not grouped_mm_available():
         return False
-    if device.type != "cpu" and dtype != torch.bfloat16:
+    if (device.type != "cpu" or torch.compiler.is_compiling()) and dtype != torch.bfloat16:
         return False
     size = torch.empty((), dtype=dtype).element_size()
     return all(dim * size % 16 == 0 for dim in dims)
@@ -240,9 +251,9 @@ class Experts(nn.Module):
         # under autocast the residual stream and the master weights stay fp32, and the grouped GEMM is on
         # no autocast list: cast the input and each stacked weight once here, as torchtitan's experts do
         compute = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        if not fixed_path and (
-            T * K <= tuning.GATHER_SLOTS or torch.compiler.is_compiling()
-        ):  # thresholds: see tuning.py
+        # thresholds: see tuning.py; compiled inference (decoding) always takes the sort-free static paths,
+        # compiled training the sorted one (gathering A expert weight sets would not fit)
+        if not fixed_path and (T * K <= tuning.GATHER_SLOTS or (torch.compiler.is_compiling() and not self.training)):
             if 3 * T * K >= N and T <= tuning.ALL_EXPERTS_TOKENS:
                 self._record("static: all experts", compute)
                 return self.forward_all_experts(x, indices, weights)
@@ -410,7 +421,7 @@ class MoE(nn.Module):
         """Route x [..., H] and start sending the FFN slots' rows to their experts."""
         flat = x.reshape(-1, x.shape[-1])  # [T, H]
         routing = self.router(flat)
-        if self.keep_routing:
+        if self.keep_routing and not is_recomputing():
             self.last_routing = routing
         sent = self.dispatcher.dispatch(self.experts, flat, routing.indices, routing.weights) if dispatch else None
         return MoEHandle(x.shape, flat, routing, sent)

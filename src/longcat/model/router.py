@@ -9,11 +9,15 @@ Legend: T tokens, H hidden, E = N + Z experts, K top-k.
   `routed_scaling_factor`, on every selected slot, zero experts included (transformers and the
   released remote code; SGLang differs, see checkpoint-contract §9.3);
 - routing counts per expert accumulate in `expert_counts` while training, for the budget controller
-  (training/balance.py), which owns every update of the bias. Nothing here syncs with the host.
+  (training/balance.py), which owns every update of the bias. Nothing here syncs with the host;
+- a forward re-run by activation checkpointing during backward (`recomputing()`) counts nothing: its
+  tokens were counted the first time.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +26,24 @@ from torch import nn
 
 from ..config import LongcatConfig
 from .precision import apply_keeping_float32
+
+_recomputing = 0  # depth of recomputing() contexts
+
+
+@contextlib.contextmanager
+def recomputing() -> Iterator[None]:
+    """Inside, routers count no tokens and MoE layers keep no routing: the forward being run is a
+    recomputation (activation checkpointing) of one already counted and kept."""
+    global _recomputing
+    _recomputing += 1
+    try:
+        yield
+    finally:
+        _recomputing -= 1
+
+
+def is_recomputing() -> bool:
+    return _recomputing > 0
 
 
 @dataclass
@@ -68,7 +90,7 @@ class Router(nn.Module):
         with torch.no_grad():
             choice = probs + self.e_score_correction_bias  # selection only, never the gate
             indices = torch.topk(choice, self.top_k, dim=-1, sorted=False).indices  # [T, K]
-            if self.training and self.track_counts:
+            if self.training and self.track_counts and not _recomputing:
                 self.expert_counts.index_add_(
                     0, indices.reshape(-1), torch.ones_like(indices, dtype=torch.float32).reshape(-1)
                 )

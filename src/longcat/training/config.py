@@ -94,6 +94,10 @@ class TrainConfig:
     mtp_distill_weight: float = 1.0
     # scale-out (longcat train --nproc N --ep E)
     moe_overlap: bool = True  # ScMoE: the expert-parallel all-to-alls run while the dense path computes
+    # per decoder layer, as torchtitan (training/wrapping.py): recompute activations in backward; compile
+    activation_checkpointing: bool = False
+    compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile's backend ("aot_eager" compiles fast, for tests)
     # bookkeeping
     seed: int = 0
     deterministic: bool = False

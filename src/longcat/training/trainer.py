@@ -60,6 +60,7 @@ from .loss import chunked_cross_entropy
 from .optim import build_optimizer, clip_gradients, fused_step, lr_at, set_lr
 from .progress import Progress, tensorboard_writer
 from .stability import hidden_stats, hidden_z_loss, router_cosine, small_gradient_share
+from .wrapping import apply_activation_checkpointing, compile_layers
 
 
 class TrainingError(RuntimeError):
@@ -177,6 +178,15 @@ class Trainer:
         self.config = self.model.config
         for moe in self.model.moe_layers():
             moe.keep_routing = True
+        if (cfg.activation_checkpointing or cfg.compile) and layout is not None and layout.ep > 1:
+            raise TrainingError(
+                "activation_checkpointing and compile are not built for expert parallelism yet (the all-to-alls "
+                "would be recomputed, and their split sizes break the graph): train with --ep 1 or without them"
+            )
+        if cfg.activation_checkpointing:  # the order torchtitan applies: checkpointing, compile, then FSDP
+            apply_activation_checkpointing(self.model)
+        if cfg.compile:
+            compile_layers(self.model, cfg.compile_backend)
         moe_path = self._moe_path()
         self.comm_timer = None
         if layout is not None:
