@@ -104,6 +104,28 @@ def test_layouts_follow_the_one_process_run(one_process, small_data, tmp_path, n
     transformers.LongcatFlashForCausalLM.from_pretrained(out / "final")
 
 
+def test_the_bf16_policy_tracks_one_process_and_keeps_the_router_fp32(small_data, tmp_path) -> None:
+    """The bf16 recipe under FSDP2 on gloo (parameters gathered in bf16, gradients reduced in fp32) with
+    EP 2 against one process's bf16 autocast run, 20 steps; and every router sees its fp32 master."""
+    bf16 = [*COMMON, "--set", "dtype=bfloat16", "--data", str(small_data)]
+    single = longcat(["train", *bf16, "--out", str(tmp_path / "one")])
+    assert single.returncode == 0, single.stderr[-8000:]
+    done = longcat(["train", "--nproc", "2", "--ep", "2", *bf16, "--out", str(tmp_path / "two")])
+    assert done.returncode == 0, done.stderr[-8000:]
+    ours, ref = losses(tmp_path / "two"), losses(tmp_path / "one")
+    assert len(ours) == len(ref) == STEPS
+    gaps = [abs(a - b) for a, b in zip(ours, ref)]
+    assert max(gaps) < 0.05, [round(g, 4) for g in gaps]  # bf16 rounding, as the one-process recipe against fp32
+
+    env = dict(_env(), PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'src'}", OMP_NUM_THREADS="1")
+    worker = str(REPO / "tests" / "distributed" / "router_precision_worker.py")
+    done = run_job([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", worker,
+                    str(small_data), str(tmp_path / "hook"), "2"], env, tmp_path / "hook")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-8000:]
+    seen = json.loads((tmp_path / "hook" / "router_check.json").read_text())
+    assert seen and all(s["dtype"] == "torch.float32" and s["equal"] for s in seen), seen
+
+
 def test_router_biases_are_identical_on_every_rank_after_every_step(small_data, tmp_path) -> None:
     env = dict(_env(), PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'src'}", OMP_NUM_THREADS="1")
     worker = str(REPO / "tests" / "distributed" / "bias_worker.py")

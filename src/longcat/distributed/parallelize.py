@@ -1,13 +1,15 @@
-"""Apply the layout to a built model, in a fixed order (torchtitan's: expert parallelism first, then
-FSDP2 from the innermost unit out), and the gradient arithmetic that layout needs.
+"""Apply the layout to a built model, in a fixed order (torchtitan's: expert parallelism first, then FSDP2
+from the innermost unit out), and the gradient arithmetic that layout needs.
 
-FSDP2 units: each layer's experts on the "efsdp" mesh, each decoder layer and the MTP module on the
-"dp" mesh, then the root (embeddings, final norm, head) on "dp". Gradients: FSDP2 averages over
-each unit's mesh, so dense gradients come out as the mean over the N ranks' losses. An expert's
-gradient, though, already sums the contributions of the E ranks of its expert-parallel group (their
-rows came to it) before FSDP2 averages it over the N/E groups: it is E times the mean, and
-`finish_gradients` divides it by E. (FSDP2's own divide factor would do this on NCCL, but gloo has no
-PREMUL_SUM reduction for it.)
+FSDP2 units: each layer's experts on the "efsdp" mesh, each layer's router on "dp" with a policy that
+casts nothing (the router computes in fp32 whatever the others' param_dtype, paper §1.4, router
+precision: a bf16 all-gather would round its classifier before model/router.py upcasts it), each decoder
+layer and the MTP module on the "dp" mesh, then the root (embeddings, final norm, head) on "dp".
+Gradients: FSDP2 averages over each unit's mesh, so dense gradients come out as the mean over the N
+ranks' losses. An expert's gradient, though, already sums the contributions of the E ranks of its
+expert-parallel group (their rows came to it) before FSDP2 averages it over the N/E groups: it is E
+times the mean, and `finish_gradients` divides it by E. (FSDP2's own divide factor would do this on
+NCCL, but gloo has no PREMUL_SUM reduction for it.)
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ def parallelize(
     the expert-parallel all-to-alls in sequence with the experts (the baseline of the ScMoE overlap)."""
     timer = apply_expert_parallel(model.moe_layers(), layout.ep_group, overlap=overlap) if layout.ep > 1 else None
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    fp32 = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32 if param_dtype else None)
     for layer in model.model.layers:
         fully_shard(layer.mlp.experts, mesh=layout.expert_mesh["efsdp"], mp_policy=mp)
+        fully_shard(layer.mlp.router, mesh=layout.dp_mesh, mp_policy=fp32)
         fully_shard(layer, mesh=layout.dp_mesh, mp_policy=mp)
     if model.model.mtp is not None:
         fully_shard(model.model.mtp, mesh=layout.dp_mesh, mp_policy=mp)

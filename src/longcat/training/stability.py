@@ -43,13 +43,24 @@ def hidden_stats(hidden: torch.Tensor) -> tuple[float, float]:
 def small_gradient_share(model: torch.nn.Module, eps: float) -> float:
     """Share of parameter tensors whose gradient RMS is below 10 * eps: where Adam's epsilon starts to
     swamp the second moment (paper Fig. 7). Sharded gradients count as the whole tensor: their sums of
-    squares and sizes are added over the ranks (one collective)."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
+    squares and sizes are added over the ranks (one collective, which every rank enters with a row per
+    parameter, zeros where it holds no gradient, so ranks with different gradients stay in step)."""
+    params = list(model.parameters())
+    if not params:
         return 0.0
-    shards = [local(g) for g in grads]
-    stats = torch.stack([torch.stack([g.float().pow(2).sum(), torch.tensor(float(g.numel()), device=g.device)])
-                         for g in shards])  # fmt: skip  # [P, 2]
+    device = params[0].device
+    rows = []
+    for p in params:  # [sum of squares, elements, ranks with a gradient]
+        if p.grad is None:
+            rows.append(torch.zeros(3, device=device))
+        else:
+            g = local(p.grad)
+            rows.append(torch.stack([g.float().pow(2).sum(), torch.tensor(float(g.numel()), device=g.device),
+                                     torch.ones((), device=g.device)]))  # fmt: skip
+    stats = torch.stack(rows)  # [P, 3]
     sum_(stats)
-    rms = (stats[:, 0] / stats[:, 1].clamp(min=1)).sqrt()
+    has = stats[:, 2] > 0
+    if not bool(has.any()):
+        return 0.0
+    rms = (stats[has, 0] / stats[has, 1].clamp(min=1)).sqrt()
     return float((rms < 10 * eps).float().mean())

@@ -192,8 +192,9 @@ class Trainer:
         if layout is not None:
             if layout.ep > 1:
                 moe_path = f"expert-parallel all-to-all over {layout.ep} ranks, local experts: {moe_path}"
-            on_gpu_bf16 = cfg.dtype == "bfloat16" and self.device.type == "cuda"
-            param_dtype = torch.bfloat16 if on_gpu_bf16 else None
+            # the bf16 recipe's FSDP2 policy: parameters gathered in bf16, gradients reduced in fp32 (the
+            # routers keep fp32: parallelize.py), on GPUs and, through the same code, on gloo
+            param_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
             self.comm_timer = parallelize(self.model, layout, param_dtype, overlap=cfg.moe_overlap)
         self.optimizer = build_optimizer(self.model, cfg)
         self.K_e = cfg.target_ffn_experts or self.config.target_ffn_experts
@@ -453,10 +454,18 @@ class Trainer:
         ratios = []
         weight = cfg.lb_alpha / len(routings) / cfg.grad_accum  # the LB term's weight in the loss per layer
         for routing, f in routings:
-            if routing.probs.grad is None:
+            # [E + 1]: the gradient summed over tokens, and whether this rank has one; every rank enters the
+            # collective (zeros where it has none), so a layer without gradients on one rank hangs nobody
+            grad = routing.probs.grad
+            mine = torch.zeros(routing.probs.shape[-1] + 1, device=routing.probs.device)
+            if grad is not None:
+                mine[:-1] = grad.sum(0).float()
+                mine[-1] = 1.0
+            both = collectives.mean(mine)
+            if not both[-1] > 0:  # no rank has a gradient for this layer
                 continue
-            # [E]; the mean over ranks of their sums is what one process computes for the global batch
-            total = collectives.mean(routing.probs.grad.sum(0).float())
+            # the mean over ranks of their sums is what one process computes for the global batch
+            total = both[:-1] / both[-1]
             lb = weight * lb_probability_gradient(f, config.n_routed_experts, total.numel(), cfg.lb_groups)
             lm = total - lb
             ratios.append(float(lb.norm() / lm.norm().clamp(min=1e-30)))
