@@ -79,6 +79,16 @@ def final_hash(run: Path) -> str:
     return hashlib.sha256((run / "final" / "model.safetensors").read_bytes()).hexdigest()
 
 
+def run_worker(name: str, data: Path, out: Path, ep: int = 2) -> Path:
+    """tests/distributed/NAME on 2 processes under torchrun (gloo, EP `ep`); returns `out`, which it fills."""
+    env = dict(_env(), PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'src'}", OMP_NUM_THREADS="1")
+    worker = str(REPO / "tests" / "distributed" / name)
+    done = run_job([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", worker,
+                    str(data), str(out), str(ep)], env, out)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-8000:]
+    return out
+
+
 @pytest.fixture(scope="module")
 def one_process(small_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dist") / "one"
@@ -117,22 +127,13 @@ def test_the_bf16_policy_tracks_one_process_and_keeps_the_router_fp32(small_data
     gaps = [abs(a - b) for a, b in zip(ours, ref)]
     assert max(gaps) < 0.05, [round(g, 4) for g in gaps]  # bf16 rounding, as the one-process recipe against fp32
 
-    env = dict(_env(), PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'src'}", OMP_NUM_THREADS="1")
-    worker = str(REPO / "tests" / "distributed" / "router_precision_worker.py")
-    done = run_job([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", worker,
-                    str(small_data), str(tmp_path / "hook"), "2"], env, tmp_path / "hook")  # fmt: skip
-    assert done.returncode == 0, done.stderr[-8000:]
-    seen = json.loads((tmp_path / "hook" / "router_check.json").read_text())
+    seen = json.loads((run_worker("router_precision_worker.py", small_data, tmp_path / "hook") /
+                       "router_check.json").read_text())  # fmt: skip
     assert seen and all(s["dtype"] == "torch.float32" and s["equal"] for s in seen), seen
 
 
 def test_router_biases_are_identical_on_every_rank_after_every_step(small_data, tmp_path) -> None:
-    env = dict(_env(), PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'src'}", OMP_NUM_THREADS="1")
-    worker = str(REPO / "tests" / "distributed" / "bias_worker.py")
-    done = run_job([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", worker,
-                    str(small_data), str(tmp_path / "run"), "2"], env, tmp_path / "run")  # fmt: skip
-    assert done.returncode == 0, done.stderr[-8000:]
-    checks = json.loads((tmp_path / "run" / "bias_check.json").read_text())
+    checks = json.loads((run_worker("bias_worker.py", small_data, tmp_path / "run") / "bias_check.json").read_text())
     assert [c["step"] for c in checks] == list(range(6))
     assert all(c["equal"] for c in checks) and checks[-1]["moved"]
 

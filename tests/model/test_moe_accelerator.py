@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.conftest import random_tiny_config
+from tests.model.test_moe import _moe as seeded_moe
 from tests.op_counts import OpCounter, host_reads
 
 from longcat.model import tuning
@@ -21,15 +21,8 @@ def accelerator_path(monkeypatch):
 
 
 def _moe(experts: int) -> MoE:
-    config = random_tiny_config(0, n_routed_experts=experts, zero_expert_num=4, moe_topk=4, hidden_size=64,
-                                expert_ffn_hidden_size=32)  # fmt: skip
-    torch.manual_seed(0)
-    moe = MoE(config)
-    moe.router.reset_parameters(std=0.5)
-    with torch.no_grad():
-        torch.nn.init.normal_(moe.experts.gate_up_proj, std=0.1)
-        torch.nn.init.normal_(moe.experts.down_proj, std=0.1)
-    return moe
+    return seeded_moe(0, n_routed_experts=experts, zero_expert_num=4, moe_topk=4, hidden_size=64,
+                      expert_ffn_hidden_size=32)  # fmt: skip
 
 
 def _profile(moe: MoE, tokens: int = 96) -> tuple[OpCounter, torch.Tensor, list[str]]:
