@@ -9,15 +9,75 @@ must be decided once, before any worker starts.
 - Each worker gets the machine's threads divided by the local workers (at least 1) through
   OMP_NUM_THREADS, set before the launcher runs: torchrun would otherwise give each worker 1.
 - A worker that fails (an exception, or kill -9) ends the job; the launcher names the rank.
+
+Each worker's own lifecycle is here too: `restarted_worker` (torchrun restarting failed workers, which
+then continue from the last complete checkpoint), `join` (the process group and meshes; a restart
+before any checkpoint starts the run over) and `run_worker` (every rank's error shown, a barrier so no
+rank tears its connections down while another still uses them, the process group destroyed, and an
+exit that skips the interpreter's teardown).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 from .config import ConfigError
-from .distributed.layout import check_layout
+from .distributed.layout import Layout, check_layout, in_torchrun
+
+
+def restarted_worker() -> bool:
+    """Whether this process is a worker torchrun restarted after a failure (--max-restarts)."""
+    return in_torchrun() and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
+def join(out: Path, ep: int, device_type: str, start_over: bool) -> Layout:
+    """Join the job's process group (distributed/layout.py). start_over: a restarted attempt with no
+    checkpoint to resume from, so the failed attempt's metrics rows go and the run starts again."""
+    import torch.distributed as dist
+
+    from .distributed.layout import init_layout
+
+    layout = init_layout(ep, device_type)
+    if start_over:
+        if layout.is_main:
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+        dist.barrier()
+    return layout
+
+
+def run_worker(layout: Layout | None, body: Callable[[], None], expected: tuple[type[BaseException], ...]) -> int:
+    """Run body() as one process (layout None: errors propagate, except `expected` ones, reported) or
+    as a worker of a job; returns the exit code (a worker exits the process instead)."""
+    finished = False
+    try:
+        body()
+        finished = True
+    except expected as err:
+        where = "" if layout is None or layout.is_main else f"rank {layout.rank}: "
+        print(f"longcat: {where}{err}", file=sys.stderr)
+    except BaseException:
+        if layout is None:
+            raise
+        import traceback
+
+        print(f"longcat: rank {layout.rank} failed:", file=sys.stderr)
+        traceback.print_exc()  # every rank's error is shown, not only rank 0's
+    finally:
+        if layout is not None:
+            import torch.distributed as dist
+
+            if finished:
+                dist.barrier()  # no rank tears its connections down while another still uses them
+            dist.destroy_process_group()
+            # a worker leaves without the interpreter's teardown: gloo's threads have aborted a worker
+            # there ("terminate called without an active exception") after its work was done
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0 if finished else 1)
+    return 0 if finished else 1
 
 
 def worker_threads(nproc: int) -> int:

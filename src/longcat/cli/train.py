@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -56,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     import datetime
 
     from ..distributed.layout import in_torchrun
+    from ..launcher import join, restarted_worker, run_worker
     from ..training.config import TrainConfig
     from ..training.determinism import enable_blas_reproducibility
     from ..training.trainer import TrainingError, train
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         else Path("runs") / (f"{args.preset or 'tiny'}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}")
     )
     # torchrun restarting failed workers (--max-restarts): they continue from the last complete checkpoint
-    restarted = in_torchrun() and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    restarted = restarted_worker()
     if restarted and not args.resume:
         from ..training.checkpointing import list_checkpoints
 
@@ -117,47 +117,18 @@ def run(args: argparse.Namespace) -> int:
         enable_blas_reproducibility()
     layout = None
     if in_torchrun():
-        from ..distributed.layout import init_layout
-
         cuda = cfg.device in ("auto", "cuda") and torch_cuda_available()
-        layout = init_layout(args.ep or 1, "cuda" if cuda else "cpu")
-        if restarted and not args.resume:  # no checkpoint yet: the failed attempt's rows go, the run starts over
-            import torch.distributed as dist
-
-            if layout.is_main:
-                (out / "metrics.jsonl").unlink(missing_ok=True)
-            dist.barrier()
+        layout = join(out, args.ep or 1, "cuda" if cuda else "cpu", start_over=restarted and not args.resume)
     main_rank = layout is None or layout.is_main
     if main_rank:
         print(f"training {cfg.preset} into {out}", file=sys.stderr)
-    finished = False
-    try:
+
+    def body() -> None:
         summary = train(cfg, out, resume=args.resume, progress=not args.quiet, layout=layout)
-        finished = True
         if main_rank:
             print(json.dumps(summary, indent=2))
-    except TrainingError as err:
-        print(f"longcat: {err}" if main_rank else f"longcat: rank {layout.rank}: {err}", file=sys.stderr)
-    except BaseException:
-        if layout is None:
-            raise
-        import traceback
 
-        print(f"longcat: rank {layout.rank} failed:", file=sys.stderr)
-        traceback.print_exc()  # every rank's error is shown, not only rank 0's
-    finally:
-        if layout is not None:
-            import torch.distributed as dist
-
-            if finished:
-                dist.barrier()  # no rank tears its connections down while another still uses them
-            dist.destroy_process_group()
-            # a worker leaves without the interpreter's teardown: gloo's threads have aborted a worker
-            # there ("terminate called without an active exception") after its work was done
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0 if finished else 1)
-    return 0 if finished else 1
+    return run_worker(layout, body, expected=(TrainingError,))
 
 
 def add_parser(sub) -> None:  # noqa: ANN001 - argparse's subparsers action
