@@ -9,9 +9,11 @@ import sys
 import torch
 import torch.distributed as dist
 from tests.conftest import perturb, random_tiny_config
+from tests.op_counts import host_reads
 
 from longcat import LongcatForCausalLM
-from longcat.distributed.expert_parallel import apply_expert_parallel
+from longcat.distributed.expert_parallel import AllToAllTokenDispatcher, apply_expert_parallel
+from longcat.model import tuning
 
 
 def batch(rank: int, vocab: int) -> torch.Tensor:
@@ -31,12 +33,24 @@ def main() -> None:
                             timeout=datetime.timedelta(seconds=60))  # fmt: skip
     model = build()
     timer = apply_expert_parallel(model.moe_layers(), dist.group.WORLD, overlap=overlap)
+    dispatch_reads = []  # the host reads of each dispatch
+    dispatch = AllToAllTokenDispatcher.dispatch
+
+    def counted(self, *args):  # noqa: ANN001, ANN002, ANN202
+        tuning.ACCELERATOR_PATH = True  # the dispatch as on a GPU (the CPU's own sort reads through numpy)
+        with host_reads() as reads:
+            handle = dispatch(self, *args)
+        tuning.ACCELERATOR_PATH = None
+        dispatch_reads.append(dict(reads))
+        return handle
+
+    AllToAllTokenDispatcher.dispatch = counted
     ids = batch(rank, model.config.vocab_size)
     result = model(ids, labels=ids)
     result.loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     torch.save({"logits": result.logits.detach(), "loss": result.loss.detach(), "grads": grads,
-                "waits": timer.waits}, f"{out}/rank{rank}.pt")  # fmt: skip
+                "waits": timer.waits, "dispatch_reads": dispatch_reads}, f"{out}/rank{rank}.pt")  # fmt: skip
     dist.barrier()
     dist.destroy_process_group()
 

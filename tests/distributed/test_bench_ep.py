@@ -20,3 +20,4 @@ def test_bench_ep_reports_the_overlap_and_scaling(monkeypatch) -> None:
     assert result["communication_ms"] > 0 and result["scaling_efficiency"] > 0
     text = ep.report(result)
     assert "exposed share" in text and "scaling efficiency" in text
+    assert "exposed = host time blocked" in text  # the method is named: it holds on gloo only

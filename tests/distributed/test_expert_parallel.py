@@ -60,6 +60,9 @@ def test_expert_parallel_equals_one_process(world: int, overlap: bool, tmp_path)
         torch.testing.assert_close(result["logits"], expected.logits.detach(), rtol=1e-5, atol=1e-5)
         per_rank_grads.append({n: p.grad.clone() for n, p in reference.named_parameters() if p.grad is not None})
         assert result["waits"] > 0
+        # the split sizes are each dispatch's one host read (a device sync on an accelerator)
+        layers = len(reference.moe_layers())
+        assert result["dispatch_reads"] == [{"Tensor.tolist": 1}] * layers, result["dispatch_reads"]
     experts = reference.config.n_routed_experts // world
     for rank, result in enumerate(results):
         for name, grad in result["grads"].items():

@@ -7,8 +7,10 @@ per rank, K top-k, F FFN slots of this rank's tokens (zero-expert slots excluded
 
 Dispatch (one MoE call):
   1. this rank's F FFN slots sorted by expert id (rank-major, since each rank holds a contiguous
-     block of experts); per-expert counts [N] exchanged with an even all-to-all (the only host sync:
-     the split sizes must be Python lists);
+     block of experts); per-expert counts [N], counted on the device, exchanged with an even
+     all-to-all; then the one host read of the dispatch, per MoE layer: the per-rank split sizes
+     (sent and received, one copy), which `all_to_all_single` takes as Python lists. On gloo the
+     collectives themselves block the host as well;
   2. the slots' rows [F, H] and gate weights [F] sent with one `all_to_all_single` (uneven splits,
      empty ones allowed), asynchronously: the ScMoE layer computes FFN_0 meanwhile (model/layer.py);
   3. the received rows [R, H] run through the local experts (the usual grouped path or fused kernel,
@@ -36,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..model.moe import Experts, _gather_rows, _scatter_add_rows, _sort_by_expert
+from ..model.moe import Experts, _gather_rows, _scatter_add_rows, _sort_by_expert, accelerator_path
 
 
 @dataclass
@@ -163,12 +165,17 @@ class AllToAllTokenDispatcher:
         T, K = indices.shape
         N, E, L = self.num_experts, self.size, self.local
         flat = indices.reshape(-1)  # [T K]
-        order = _sort_by_expert(flat, N, static_shapes=False)  # FFN slots by expert, zero-expert slots last
-        counts = torch.bincount(flat.clamp(max=N), minlength=N + 1)[:N]  # [N]
-        order = order[: int(counts.sum())]  # [F]
+        # FFN slots by expert, zero-expert slots last (on the CPU's own path by numpy's radix sort)
+        order = _sort_by_expert(flat, N, static_shapes=accelerator_path(flat.device))
+        # counted on the device (bincount would read its maximum to the host), exchanged on the device
+        counts = torch.zeros(N + 1, dtype=torch.int64, device=flat.device)
+        counts = counts.index_add_(0, flat.clamp(max=N), torch.ones_like(flat))[:N]  # [N]
         received = torch.empty_like(counts)
         dist.all_to_all_single(received, counts, group=self.group)  # [E L]: from each rank, per local expert
-        in_splits, out_splits = counts.view(E, L).sum(1).tolist(), received.view(E, L).sum(1).tolist()
+        # the one host read of the dispatch: the split sizes all_to_all_single takes as lists
+        splits = torch.cat((counts.view(E, L).sum(1), received.view(E, L).sum(1))).tolist()
+        in_splits, out_splits = splits[:E], splits[E:]
+        order = order[: sum(in_splits)]  # [F]
         token = order // K
         rows = _gather_rows(x, token)  # [F, H]
         gate = weights.reshape(-1).index_select(0, order).to(x.dtype)  # [F]
@@ -176,7 +183,7 @@ class AllToAllTokenDispatcher:
         state = _InFlight(token, T, x.shape[-1], there)
         state.sent = self._exchange(torch.cat((rows, gate.unsqueeze(-1)), dim=-1), there)  # one exchange, [R, H + 1]
         local_ids = torch.arange(L, device=x.device).repeat(E)  # [E L]
-        state.local_expert = torch.repeat_interleave(local_ids, received.to(x.device))  # [R]
+        state.local_expert = torch.repeat_interleave(local_ids, received, output_size=sum(out_splits))  # [R]
         return state
 
     def compute(self, experts: Experts, state: _InFlight) -> _InFlight:
