@@ -188,6 +188,12 @@ class Trainer:
         if cfg.compile:
             compile_layers(self.model, cfg.compile_backend)
         moe_path = self._moe_path()
+        if self.device.type != "cpu" and "loop" in moe_path and self.is_main:
+            print(
+                f"longcat: the experts run one GEMM per expert on {self.device.type} in {cfg.dtype} ({moe_path}): the "
+                "grouped GEMM takes bf16 there; --set dtype=bfloat16 is the GPU recipe",
+                file=sys.stderr,
+            )
         self.comm_timer = None
         if layout is not None:
             if layout.ep > 1:
