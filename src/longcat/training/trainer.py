@@ -281,12 +281,8 @@ class Trainer:
         if not ran:
             return
         recorded = self.environment["moe_path"]
-        prefix = (
-            recorded[: recorded.index("local experts: ") + len("local experts: ")]
-            if "local experts: " in recorded
-            else ""
-        )
-        actual = prefix + "; ".join(ran)
+        head, marker, _ = recorded.rpartition("local experts: ")  # the expert-parallel prefix, if any
+        actual = head + marker + "; ".join(ran)
         if actual != recorded:
             self.environment["moe_path"] = actual
             if self.is_main:
