@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import sys
-import types
 
 import torch
 import torch.distributed as dist
 
 from longcat.model.router import Routing
 from longcat.training.optim import clip_gradients
-from longcat.training.stability import small_gradient_share
-from longcat.training.trainer import Trainer
+from longcat.training.stability import grad_norm_ratio, small_gradient_share
 
 
 def main() -> None:
@@ -32,9 +30,7 @@ def main() -> None:
         if rank == 0 or i == 0:
             p.grad = torch.randn_like(p)
     routings = [(Routing(p, torch.zeros(6, 2, dtype=torch.long), p[:, :2]), torch.ones(2)) for p in probs]
-    owner = types.SimpleNamespace(cfg=types.SimpleNamespace(lb_alpha=0.01, grad_accum=1, lb_groups=1),
-                                  config=types.SimpleNamespace(n_routed_experts=4))  # fmt: skip
-    result["grad_norm_ratio"] = Trainer._grad_norm_ratio(owner, routings)
+    result["grad_norm_ratio"] = grad_norm_ratio(routings, lb_alpha=0.01, grad_accum=1, lb_groups=1, num_ffn=4)
     with open(f"{out}/rank{rank}.json", "w") as handle:
         json.dump(result, handle)
     dist.destroy_process_group()

@@ -74,14 +74,15 @@ def test_a_stub_run_warns_where_transformers_refuses_stubs(small_data, tmp_path,
     """A run directory from before the released layout became the default records
     export_zero_expert_stubs=true; its final/ keeps that layout (a resume keeps the run's settings) and
     says how to get the released one when the installed transformers would refuse it."""
+    import longcat.training.checkpointing as checkpointing
     import longcat.training.trainer as trainer_module
 
-    monkeypatch.setattr(trainer_module, "installed_transformers_version", lambda: "5.25.0")
+    monkeypatch.setattr(checkpointing, "installed_transformers_version", lambda: "5.25.0")
     config = tiny_train_config(small_data, max_steps=1, eval_every=1, export_zero_expert_stubs=True)
     with pytest.warns(UserWarning, match="longcat export .*final --out"):
         train(config, tmp_path, progress=False)
     assert _zero_expert_keys(tmp_path / "final")
-    monkeypatch.setattr(trainer_module, "installed_transformers_version", lambda: "5.24.0")
+    monkeypatch.setattr(checkpointing, "installed_transformers_version", lambda: "5.24.0")
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         trainer_module.Trainer(config, tmp_path, progress=False, resume=True).export_final()

@@ -131,3 +131,18 @@ def sequential_batches(
             return
         rows = [stream.window(i, seq_len, doc_masking) for i in range(begin, min(begin + batch_size, count))]
         yield _to_batch(rows, doc_masking)
+
+
+def rank_share(batch: Batch, world: int, rank: int) -> tuple[Batch, bool]:
+    """This rank's rows of a validation batch, and whether they count. Every rank must run the same
+    number of forwards (they share collectives), so a batch of fewer rows than ranks runs whole on
+    every rank and counts on rank 0 only."""
+    if world == 1:
+        return batch, True
+    rows = batch.input_ids.shape[0]
+    if rows < world:
+        return batch, rank == 0
+    begin, end = rank * rows // world, (rank + 1) * rows // world
+    part = lambda t: None if t is None else t[begin:end]  # noqa: E731
+    fields = ("input_ids", "targets", "document_ids", "position_ids", "next_targets")
+    return Batch(*(part(getattr(batch, f)) for f in fields)), True

@@ -22,12 +22,13 @@ import pickle
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..checkpoint import fsync_file
+from ..checkpoint import fsync_file, installed_transformers_version, transformers_needs_zero_expert_stubs
 from ..data.prepare import copy_tokenizer
 
 STATE_FILE = "trainer_state.pt"
@@ -219,6 +220,20 @@ def load_checkpoint_model(directory: Path):  # noqa: ANN201 - LongcatForCausalLM
     model = LongcatForCausalLM(LongcatConfig.from_json_file(directory / "config.json"), device="cpu", seed=0)
     load(directory / SHARDS_DIR, checkpoint_state(model, None, None))
     return model
+
+
+def warn_if_stubs_are_refused(final: Path) -> None:
+    """A run that writes zero-expert stub rows into final/ (export_zero_expert_stubs=true: the default
+    of runs started before the released layout became it) is told when the installed transformers would
+    refuse them, and how to get the released layout."""
+    version = installed_transformers_version()
+    if version is not None and not transformers_needs_zero_expert_stubs(version):
+        warnings.warn(
+            f"final/ gets zero-expert stub rows (export_zero_expert_stubs=true in train_config.json), which the "
+            f"installed transformers {version} refuses (only 5.0-5.24 read them); `longcat export {final} --out "
+            "DIR` writes the released layout, or resume with --set export_zero_expert_stubs=false",
+            stacklevel=3,
+        )
 
 
 def export_checkpoint(source: Path, out: Path, zero_expert_stubs: bool = False) -> Path:

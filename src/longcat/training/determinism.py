@@ -146,6 +146,16 @@ def environment(device: torch.device, moe_path: str, world_size: int = 1, dtype:
     return record
 
 
+def moe_path_that_ran(moe_layers: list, recorded: str) -> str:
+    """The recorded MoE path with what the layers' last calls ran (Experts.last_path) in place of the
+    prediction, keeping an expert-parallel prefix; the record as it was where nothing ran yet."""
+    ran = sorted({moe.experts.last_path for moe in moe_layers if moe.experts.last_path})
+    if not ran:
+        return recorded
+    head, marker, _ = recorded.rpartition("local experts: ")
+    return head + marker + "; ".join(ran)
+
+
 def differences(saved: dict, current: dict) -> list[str]:
     """'key: old -> new' for every recorded value that changed (keys only one side has count too)."""
     keys = sorted(set(saved) | set(current))

@@ -8,8 +8,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..distributed.collectives import full, local, sum_
+from ..distributed.collectives import full, local, mean, sum_
 from ..model.lm import LongcatForCausalLM
+from .balance import lb_probability_gradient
 
 
 def hidden_z_loss(hidden: torch.Tensor, weight: float) -> torch.Tensor:
@@ -64,3 +65,30 @@ def small_gradient_share(model: torch.nn.Module, eps: float) -> float:
         return 0.0
     rms = (stats[has, 0] / stats[has, 1].clamp(min=1)).sqrt()
     return float((rms < 10 * eps).float().mean())
+
+
+def grad_norm_ratio(routings: list, lb_alpha: float, grad_accum: int, lb_groups: int, num_ffn: int) -> float:
+    """R_g (Eq. 9): |alpha grad_P L_LB| / |grad_P L_LM| for the batch-averaged expert probabilities P,
+    averaged over layers, from (routing, f) pairs whose probabilities kept their gradient. A common shift
+    of every token's probabilities moves P by the same amount, so grad_P of a loss is the sum over
+    tokens of its gradient with respect to the probabilities; the balance part is known in closed form
+    and the rest of the measured gradient is the LM part."""
+    ratios = []
+    weight = lb_alpha / len(routings) / grad_accum  # the LB term's weight in the loss per layer
+    for routing, f in routings:
+        # [E + 1]: the gradient summed over tokens, and whether this rank has one; every rank enters the
+        # collective (zeros where it has none), so a layer without gradients on one rank hangs nobody
+        grad = routing.probs.grad
+        mine = torch.zeros(routing.probs.shape[-1] + 1, device=routing.probs.device)
+        if grad is not None:
+            mine[:-1] = grad.sum(0).float()
+            mine[-1] = 1.0
+        both = mean(mine)
+        if not both[-1] > 0:  # no rank has a gradient for this layer
+            continue
+        # the mean over ranks of their sums is what one process computes for the global batch
+        total = both[:-1] / both[-1]
+        lb = weight * lb_probability_gradient(f, num_ffn, total.numel(), lb_groups)
+        lm = total - lb
+        ratios.append(float(lb.norm() / lm.norm().clamp(min=1e-30)))
+    return sum(ratios) / len(ratios) if ratios else float("nan")

@@ -25,9 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import installed_transformers_version, transformers_needs_zero_expert_stubs
 from ..config import LongcatConfig
-from ..data.loader import Batch, PackedLoader, TokenStream, sequential_batches
+from ..data.loader import Batch, PackedLoader, TokenStream, rank_share, sequential_batches
 from ..data.prepare import copy_tokenizer, load_meta, prepare
 from ..distributed import collectives
 from ..distributed.checkpoint import checkpoint_state, init_optimizer_state
@@ -37,7 +36,7 @@ from ..distributed.layout import Layout
 from ..distributed.parallelize import finish_gradients, gather_full_model, parallelize
 from ..model.cpu_kernels import fused_experts_available, unavailable_reason
 from ..model.lm import LongcatForCausalLM
-from .balance import BudgetController, lb_probability_gradient, load_balance_loss
+from .balance import BudgetController, load_balance_loss
 from .checkpointing import (
     RUN_FORMAT_VERSION,
     SHARDS_DIR,
@@ -52,14 +51,15 @@ from .checkpointing import (
     run_format,
     set_rng_state,
     truncate_metrics,
+    warn_if_stubs_are_refused,
     write_environment,
 )
 from .config import TrainConfig
-from .determinism import configure_determinism, differences, environment
+from .determinism import configure_determinism, differences, environment, moe_path_that_ran
 from .loss import chunked_cross_entropy
 from .optim import build_optimizer, clip_gradients, fused_step, lr_at, set_lr
 from .progress import Progress, tensorboard_writer
-from .stability import hidden_stats, hidden_z_loss, router_cosine, small_gradient_share
+from .stability import grad_norm_ratio, hidden_stats, hidden_z_loss, router_cosine, small_gradient_share
 from .wrapping import apply_activation_checkpointing, compile_layers
 
 
@@ -277,13 +277,8 @@ class Trainer:
 
     def _record_moe_path(self) -> None:
         """environment.json names the MoE path the first step ran; before it, the one _moe_path predicted."""
-        ran = sorted({moe.experts.last_path for moe in self.model.moe_layers() if moe.experts.last_path})
-        if not ran:
-            return
-        recorded = self.environment["moe_path"]
-        head, marker, _ = recorded.rpartition("local experts: ")  # the expert-parallel prefix, if any
-        actual = head + marker + "; ".join(ran)
-        if actual != recorded:
+        actual = moe_path_that_ran(self.model.moe_layers(), self.environment["moe_path"])
+        if actual != self.environment["moe_path"]:
             self.environment["moe_path"] = actual
             if self.is_main:
                 write_environment(self.out, self.environment, self.step, amend=True)
@@ -448,30 +443,8 @@ class Trainer:
         return row
 
     def _grad_norm_ratio(self, routings: list) -> float:
-        """R_g (Eq. 9): |alpha grad_P L_LB| / |grad_P L_LM| for the batch-averaged expert probabilities P,
-        averaged over layers. A common shift of every token's probabilities moves P by the same amount,
-        so grad_P of a loss is the sum over tokens of its gradient with respect to the probabilities; the
-        balance part is known in closed form and the rest of the measured gradient is the LM part."""
-        cfg, config = self.cfg, self.config
-        ratios = []
-        weight = cfg.lb_alpha / len(routings) / cfg.grad_accum  # the LB term's weight in the loss per layer
-        for routing, f in routings:
-            # [E + 1]: the gradient summed over tokens, and whether this rank has one; every rank enters the
-            # collective (zeros where it has none), so a layer without gradients on one rank hangs nobody
-            grad = routing.probs.grad
-            mine = torch.zeros(routing.probs.shape[-1] + 1, device=routing.probs.device)
-            if grad is not None:
-                mine[:-1] = grad.sum(0).float()
-                mine[-1] = 1.0
-            both = collectives.mean(mine)
-            if not both[-1] > 0:  # no rank has a gradient for this layer
-                continue
-            # the mean over ranks of their sums is what one process computes for the global batch
-            total = both[:-1] / both[-1]
-            lb = weight * lb_probability_gradient(f, config.n_routed_experts, total.numel(), cfg.lb_groups)
-            lm = total - lb
-            ratios.append(float(lb.norm() / lm.norm().clamp(min=1e-30)))
-        return sum(ratios) / len(ratios) if ratios else float("nan")
+        cfg = self.cfg
+        return grad_norm_ratio(routings, cfg.lb_alpha, cfg.grad_accum, cfg.lb_groups, self.config.n_routed_experts)
 
     # ----- evaluation ------------------------------------------------------------------------
     @torch.no_grad()
@@ -483,7 +456,7 @@ class Trainer:
         for domain, stream in self.val_streams.items():
             sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, tokens, FFN slots per layer
             for batch in sequential_batches(stream, cfg.seq_len, cfg.batch_size, cfg.eval_batches, cfg.doc_masking):
-                batch, counted = self._rank_share(batch)
+                batch, counted = rank_share(batch, self.world, self.layout.rank if self.layout else 0)
                 batch = _to(batch, self.device)
                 with self.autocast:
                     out = self.model(batch.input_ids, document_ids=batch.document_ids, position_ids=batch.position_ids)
@@ -505,21 +478,6 @@ class Trainer:
         row["val_loss"] = total_loss / max(total_tokens, 1)
         self.model.train()
         return row
-
-    def _rank_share(self, batch: Batch) -> tuple[Batch, bool]:
-        """This rank's rows of a validation batch, and whether they count. Every rank must run the same
-        number of forwards (they share collectives), so a batch of fewer rows than ranks runs whole on
-        every rank and counts on rank 0 only."""
-        if self.world == 1:
-            return batch, True
-        rows = batch.input_ids.shape[0]
-        if rows < self.world:
-            return batch, self.is_main
-        rank = self.layout.rank
-        begin, end = rank * rows // self.world, (rank + 1) * rows // self.world
-        part = lambda t: None if t is None else t[begin:end]
-        fields = ("input_ids", "targets", "document_ids", "position_ids", "next_targets")
-        return Batch(*(part(getattr(batch, f)) for f in fields)), True
 
     # ----- checkpoints -----------------------------------------------------------------------
     def save(self) -> Path:
@@ -558,17 +516,9 @@ class Trainer:
             return final
         tmp = self.out / ".final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        stubs = self.cfg.export_zero_expert_stubs
-        version = installed_transformers_version()
-        if stubs and version is not None and not transformers_needs_zero_expert_stubs(version):
-            # a run started before the released layout became the default records stubs=true
-            warnings.warn(
-                f"final/ gets zero-expert stub rows (export_zero_expert_stubs=true in train_config.json), which the "
-                f"installed transformers {version} refuses (only 5.0-5.24 read them); `longcat export {final} --out "
-                "DIR` writes the released layout, or resume with --set export_zero_expert_stubs=false",
-                stacklevel=2,
-            )
-        model.save_pretrained(tmp, zero_expert_stubs=stubs)
+        if self.cfg.export_zero_expert_stubs:
+            warn_if_stubs_are_refused(final)
+        model.save_pretrained(tmp, zero_expert_stubs=self.cfg.export_zero_expert_stubs)
         copy_tokenizer(self.tokenizer_files, tmp)
         if final.exists():
             shutil.rmtree(final)
