@@ -12,6 +12,7 @@ from tests.conftest import perturb, random_tiny_config
 from tests.op_counts import host_reads
 
 from longcat import LongcatForCausalLM
+from longcat.distributed.collectives import local
 from longcat.distributed.expert_parallel import AllToAllTokenDispatcher, apply_expert_parallel
 from longcat.model import tuning
 
@@ -48,7 +49,7 @@ def main() -> None:
     ids = batch(rank, model.config.vocab_size)
     result = model(ids, labels=ids)
     result.loss.backward()
-    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    grads = {name: local(p.grad).clone() for name, p in model.named_parameters() if p.grad is not None}
     torch.save({"logits": result.logits.detach(), "loss": result.loss.detach(), "grads": grads,
                 "waits": timer.waits, "dispatch_reads": dispatch_reads}, f"{out}/rank{rank}.pt")  # fmt: skip
     dist.barrier()

@@ -199,12 +199,19 @@ def _cut_back_to(run: Path, step: int) -> None:
 
 
 TWO, FOUR = ["--nproc", "2", "--ep", "2"], ["--nproc", "4", "--ep", "2"]
+# uneven expert shards: 6 experts on EP 2 x FSDP 2 (3 per EP rank, FSDP2's chunks 2 and 1); 3 experts on
+# FSDP 2 (chunks 2 and 1) without expert parallelism
+SIX_ON_FOUR = [*FOUR, "--set", "model.n_routed_experts=6"]
+THREE_ON_TWO = ["--nproc", "2", "--set", "model.n_routed_experts=3", "lb_groups=1"]
 
 
-@pytest.mark.parametrize(("first", "then"), [(TWO, []), ([], TWO), (TWO, FOUR)])
+@pytest.mark.parametrize(
+    ("first", "then"), [(TWO, []), ([], TWO), (TWO, FOUR), (SIX_ON_FOUR, []), (THREE_ON_TWO, [])],
+    ids=["2-1", "1-2", "2-4", "uneven-4-1", "uneven-2-1"],
+)  # fmt: skip
 def test_resume_at_another_world_size_follows_the_uninterrupted_run(small_data, tmp_path, first, then) -> None:
     run = tmp_path / "run"
-    done = longcat(["train", *first, *COMMON, "--save-every", "10", "--data", str(small_data), "--out", str(run)])
+    done = longcat(["train", *COMMON, *first, "--save-every", "10", "--data", str(small_data), "--out", str(run)])
     assert done.returncode == 0, done.stderr[-8000:]
     uninterrupted = _rows(run)
     _cut_back_to(run, 10)
@@ -215,8 +222,8 @@ def test_resume_at_another_world_size_follows_the_uninterrupted_run(small_data, 
     if then:  # a resume cannot change the model's shape: refused before any worker starts
         wider = longcat(["train", *then, "--out", str(run), "--resume", "--set", "model.hidden_size=64"], timeout=60)
         assert wider.returncode == 2 and "--set model.hidden_size=64 differs from the checkpoint's" in wider.stderr
-    for step in range(11, STEPS + 1):
-        assert abs(resumed[step] - uninterrupted[step]) <= 1e-4 * abs(uninterrupted[step]), step
+    gaps = [abs(resumed[step] - uninterrupted[step]) for step in range(11, STEPS + 1)]
+    assert max(gaps) <= 1e-5, gaps
     assert (run / "final" / "model.safetensors").is_file()
 
 

@@ -28,7 +28,7 @@ def _load(directory):
     model = LongcatForCausalLM(LongcatConfig.from_json_file(directory / "config.json"), device="cpu", seed=0)
     optimizer = build_optimizer(model, cfg)
     init_optimizer_state(optimizer)
-    dcp_load(directory / SHARDS_DIR, checkpoint_state(model, optimizer, None))
+    dcp_load(directory / SHARDS_DIR, checkpoint_state(model, optimizer))
     return model, optimizer, state
 
 

@@ -98,7 +98,7 @@ def test_the_fp32_cpu_run_keeps_its_golden_bits(reference) -> None:
 
 def test_environment_record_names_what_reproducibility_depends_on(reference) -> None:
     data = json.loads((reference / "environment.json").read_text())
-    assert data["run_format_version"] == 2
+    assert data["run_format_version"] == 3
     record = data["reproducibility"]
     assert record["threads"] == 2 and record["world_size"] == 1 and record["device"] == "cpu"
     assert record["moe_path"] == "fused CPU kernel"

@@ -270,8 +270,8 @@ def test_resume_refuses_tampered_state_and_other_layouts(small_data, tmp_path, c
     with pytest.raises(TrainingError, match="layout version 1, written by an older longcat"):
         Trainer(tiny_train_config(small_data, max_steps=3), old, resume=True, progress=False)
     data = json.loads((run / "environment.json").read_text())
-    (run / "environment.json").write_text(json.dumps({**data, "run_format_version": 3}))
-    with pytest.raises(TrainingError, match="layout version 3, written by a newer longcat"):
+    (run / "environment.json").write_text(json.dumps({**data, "run_format_version": 4}))
+    with pytest.raises(TrainingError, match="layout version 4, written by a newer longcat"):
         Trainer(tiny_train_config(small_data, max_steps=3), run, resume=True, progress=False)
     (run / "environment.json").write_text(json.dumps(data))
     Trainer(tiny_train_config(small_data, max_steps=3), run, resume=True, progress=False).run()

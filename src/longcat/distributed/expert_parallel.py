@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
 
 from ..model.moe import Experts, _gather_rows, _scatter_add_rows, _sort_by_expert, accelerator_path
 
@@ -211,17 +213,27 @@ def expert_slice(num_experts: int, group: dist.ProcessGroup) -> slice:
 
 @torch.no_grad()
 def apply_expert_parallel(
-    moe_layers: list[nn.Module], group: dist.ProcessGroup, timer: CommTimer | None = None, overlap: bool = True
-) -> CommTimer:
+    moe_layers: list[nn.Module], mesh: DeviceMesh | dist.ProcessGroup, timer: CommTimer | None = None,
+    overlap: bool = True,
+) -> CommTimer:  # fmt: skip
     """Keep only this rank's experts in every MoE layer given (the model's `moe_layers()`, built
-    identically on every rank) and install the all-to-all dispatcher. Returns the timer they share."""
+    identically on every rank) and install the all-to-all dispatcher. Returns the timer they share.
+
+    The stacks become DTensors sharded on the expert dimension over the expert-parallel mesh
+    (`Shard(0)`, as torchtitan keeps them): their global shape stays [N, ...], so a distributed
+    checkpoint stores every expert by its place in the stack and reads it back under any layout, and
+    `full_tensor()` gathers them. The experts compute on their local block (model/moe.py)."""
+    if not isinstance(mesh, DeviceMesh):  # a process group (tests, bench ep): its one-dimensional mesh
+        mesh = DeviceMesh.from_group(mesh, moe_layers[0].experts.gate_up_proj.device.type)
+    group = mesh.get_group()
     timer = timer or CommTimer()
     for moe in moe_layers:
         experts = moe.experts
         keep = expert_slice(experts.num_experts, group)
         dispatcher = AllToAllTokenDispatcher(group, experts.num_experts, timer, overlap)
-        experts.gate_up_proj = nn.Parameter(experts.gate_up_proj[keep].clone())
-        experts.down_proj = nn.Parameter(experts.down_proj[keep].clone())
+        for name in ("gate_up_proj", "down_proj"):
+            block = getattr(experts, name)[keep].clone()
+            setattr(experts, name, nn.Parameter(DTensor.from_local(block, mesh, [Shard(0)], run_check=False)))
         experts.num_experts = keep.stop - keep.start
         moe.dispatcher = dispatcher
     return timer

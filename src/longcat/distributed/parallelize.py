@@ -15,7 +15,6 @@ NCCL, but gloo has no PREMUL_SUM reduction for it.)
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -31,7 +30,9 @@ def parallelize(
     """Expert parallelism (E > 1) and FSDP2 over `model`, built identically on every rank. With
     param_dtype (bf16 on GPUs) FSDP2 computes in it and reduces gradients in fp32. overlap=False runs
     the expert-parallel all-to-alls in sequence with the experts (the baseline of the ScMoE overlap)."""
-    timer = apply_expert_parallel(model.moe_layers(), layout.ep_group, overlap=overlap) if layout.ep > 1 else None
+    timer = (
+        apply_expert_parallel(model.moe_layers(), layout.expert_mesh["ep"], overlap=overlap) if layout.ep > 1 else None
+    )
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     fp32 = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32 if param_dtype else None)
     for layer in model.model.layers:
@@ -58,16 +59,12 @@ def finish_gradients(model: nn.Module, layout: Layout) -> None:
 
 
 def gather_full_model(model: nn.Module, layout: Layout, model_class: type) -> nn.Module | None:
-    """The whole model on rank 0's CPU (None elsewhere): every parameter's shards gathered over its
-    mesh and, under expert parallelism, each layer's experts over the EP group, in one fixed order on
-    every rank (each step is a collective). For final/ exports; step checkpoints never gather."""
+    """The whole model on rank 0's CPU (None elsewhere): every parameter gathered whole, each a
+    collective over its mesh (the experts over both of theirs) in one fixed order on every rank. For
+    final/ exports; step checkpoints never gather."""
     state = {}
     for name, value in model.state_dict().items():
         tensor = value.full_tensor() if isinstance(value, DTensor) else value.detach()
-        if layout.ep > 1 and ".mlp.experts." in name:
-            parts = [torch.empty_like(tensor) for _ in range(layout.ep)]
-            dist.all_gather(parts, tensor.contiguous(), group=layout.ep_group)
-            tensor = torch.cat(parts)
         if layout.is_main:
             state[name] = tensor.cpu()
     if not layout.is_main:

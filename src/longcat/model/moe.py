@@ -39,11 +39,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.distributed.tensor import DTensor
 
 from ..config import LongcatConfig
 from . import tuning
 from .cpu_kernels import fused_experts, fused_experts_apply, fused_experts_take, unavailable_reason
 from .router import Router, Routing, is_recomputing
+
+
+def _local(stack: torch.Tensor) -> torch.Tensor:
+    """This process's block of a stacked expert weight. Under expert parallelism (applied from outside,
+    distributed/expert_parallel.py) the stacks are DTensors sharded on the expert dimension, whose
+    global shape checkpoints keep; the experts compute on the local block, as torchtitan's do."""
+    return stack.to_local() if isinstance(stack, DTensor) else stack
 
 
 def accelerator_path(device: torch.device) -> bool:
@@ -244,9 +252,10 @@ class Experts(nn.Module):
         their backward collectives in the same order (distributed/expert_parallel.py)."""
         T, K = indices.shape
         N = self.num_experts
+        gate_up_proj, down_proj = _local(self.gate_up_proj), _local(self.down_proj)  # [N, 2I, H], [N, H, I]
         if T == 0:
             if fixed_path:  # still connected to the rows and the weights, so their backward runs as elsewhere
-                return x * 0 + 0 * (self.gate_up_proj.sum() + self.down_proj.sum())
+                return x * 0 + 0 * (gate_up_proj.sum() + down_proj.sum())
             return torch.zeros_like(x)
         # under autocast the residual stream and the master weights stay fp32, and the grouped GEMM is on
         # no autocast list: cast the input and each stacked weight once here, as torchtitan's experts do
@@ -270,9 +279,9 @@ class Experts(nn.Module):
             order = order[: int(offsets[-1])]  # [F]
         token = order // K  # [F] source token of each sorted slot
         gate = weights.reshape(-1).index_select(0, order).to(compute)  # [F]
-        if not static_shapes and fused_experts_apply(x, self.gate_up_proj, self.down_proj):
+        if not static_shapes and fused_experts_apply(x, gate_up_proj, down_proj):
             self._record("fused CPU kernel", compute)
-            return fused_experts(x, gate, self.gate_up_proj, self.down_proj, token, counts[:N])
+            return fused_experts(x, gate, gate_up_proj, down_proj, token, counts[:N])
         how = grouped_how(x.device, compute, (x.shape[-1], 2 * self.width, self.width), static_shapes)
         self._record(_HOW_NAMES[how], compute)
         rows = _gather_rows(x.to(compute), token)  # [F, H]
@@ -282,10 +291,10 @@ class Experts(nn.Module):
             valid = (torch.arange(order.numel(), device=x.device) < offsets[-1]).unsqueeze(-1)
             rows = torch.where(valid, rows, 0)
             gate = torch.where(valid.squeeze(-1), gate, 0)
-        h = grouped_matmul(rows, self.gate_up_proj.to(compute).transpose(1, 2), offsets, how)  # [F, 2I]
+        h = grouped_matmul(rows, gate_up_proj.to(compute).transpose(1, 2), offsets, how)  # [F, 2I]
         # the gate multiplies the I-wide activation, not the H-wide output (same result, less work)
         a = _GatedSwiGLU.apply(h, gate)  # [F, I]
-        y = grouped_matmul(a, self.down_proj.to(compute).transpose(1, 2), offsets, how)  # [F, H]
+        y = grouped_matmul(a, down_proj.to(compute).transpose(1, 2), offsets, how)  # [F, H]
         if static_shapes:
             y = torch.where(valid, y, 0)
         return _scatter_add_rows(y, token, T).to(x.dtype)

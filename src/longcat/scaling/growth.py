@@ -97,7 +97,7 @@ def grow(source: Path, out: Path, factor: int = 2, progress: bool = True) -> Pat
         if state is not None:
             source_optim = build_optimizer(source_model, cfg)
             init_optimizer_state(source_optim)
-            dcp_load(directory / SHARDS_DIR, checkpoint_state(source_model, source_optim, None))
+            dcp_load(directory / SHARDS_DIR, checkpoint_state(source_model, source_optim))
         else:
             source_model = LongcatForCausalLM.from_pretrained(directory, device="cpu", dtype=torch.float32)
         copy_stacked(source_model, source_optim, trainer.model, trainer.optimizer, layers)

@@ -108,8 +108,9 @@ def finish_checkpoint(directory: Path, trainer_state: dict, config, extra_files:
 
 
 # 1: no environment.json, HF-format step checkpoints with a pickled trainer state; 2: environment.json,
-# distributed step checkpoints with a weights-only trainer state
-RUN_FORMAT_VERSION = 2
+# distributed step checkpoints with a weights-only trainer state, expert stacks stored expert by expert;
+# 3: expert stacks stored whole by their global shape (distributed/checkpoint.py)
+RUN_FORMAT_VERSION = 3
 ENVIRONMENT_FILE = "environment.json"
 
 
@@ -218,7 +219,7 @@ def load_checkpoint_model(directory: Path):  # noqa: ANN201 - LongcatForCausalLM
     from ..model.lm import LongcatForCausalLM
 
     model = LongcatForCausalLM(LongcatConfig.from_json_file(directory / "config.json"), device="cpu", seed=0)
-    load(directory / SHARDS_DIR, checkpoint_state(model, None, None))
+    load(directory / SHARDS_DIR, checkpoint_state(model, None))
     return model
 
 

@@ -244,7 +244,7 @@ class Trainer:
                     file=sys.stderr,
                 )
             init_optimizer_state(self.optimizer)
-            dcp_load(path / SHARDS_DIR, checkpoint_state(self.model, self.optimizer, self.layout))
+            dcp_load(path / SHARDS_DIR, checkpoint_state(self.model, self.optimizer))
             self.loader.load_state_dict(state["loader"])
             set_rng_state(state["rng"])
             self.step, self.skipped = state["step"], state["skipped"]
@@ -487,7 +487,7 @@ class Trainer:
             begin_checkpoint(directory)
         collectives.barrier()
         init_optimizer_state(self.optimizer)  # a checkpoint before the first step still holds every slot
-        dcp_save(checkpoint_tmp(directory) / SHARDS_DIR, checkpoint_state(self.model, self.optimizer, self.layout))
+        dcp_save(checkpoint_tmp(directory) / SHARDS_DIR, checkpoint_state(self.model, self.optimizer))
         collectives.barrier()
         state = {
             "step": self.step,
