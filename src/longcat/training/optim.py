@@ -64,9 +64,11 @@ def fused_step(params: list[torch.nn.Parameter], cfg: TrainConfig) -> bool:
     summed squares below, whose results the golden run pins bit for bit. (Sharded CPU parameters keep
     them too: the fused CPU AdamW is not registered for DTensors of gloo meshes.)"""
     device = params[0].device.type if params else "cpu"
-    if device != "cpu" or tuning.ACCELERATOR_PATH:  # forced: the CPU runs the step as a GPU does
+    if device != "cpu":
         return True
-    return cfg.dtype == "bfloat16" and not any(isinstance(p, torch.distributed.tensor.DTensor) for p in params)
+    if any(isinstance(p, torch.distributed.tensor.DTensor) for p in params):
+        return False
+    return cfg.dtype == "bfloat16" or bool(tuning.ACCELERATOR_PATH)  # forced: the CPU steps as a GPU does
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
