@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -74,6 +75,24 @@ def test_bench_decode_on_a_trained_checkpoint(trained, capsys) -> None:
     assert result["speculative_output_identical"] is True and 0 <= result["acceptance_rate"] <= 1
     assert result["speculative_speedup_compiled"] > 0
     assert "MTP speculative" in decode.report(result)
+
+
+@pytest.mark.slow
+def test_bench_decode_of_a_preset_with_overrides_in_bf16(capsys, monkeypatch) -> None:
+    """--preset, --set model.FIELD and --dtype choose the model (no checkpoint); both sides decode it."""
+    pytest.importorskip("transformers")
+    import longcat.bench.decode as decode
+    from longcat.cli import main
+
+    original = decode.run
+    monkeypatch.setattr(decode, "run", lambda **kw: original(**kw, contexts=(16,), new_tokens=4))  # kept short
+    args = ["bench", "decode", "--preset", "tiny", "--set", "model.num_layers=1", "--set", "model.hidden_size=48",
+            "--dtype", "bfloat16", "--rounds", "2", "--json"]  # fmt: skip
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["dtype"] == "bfloat16" and result["overrides"]["hidden_size"] == 48 and result["preset"] == "tiny"
+    rates = result["tokens_per_s"]["16"]
+    assert rates["longcat"] > 0 and rates["longcat_compiled"] > 0 and rates["transformers"] > 0
 
 
 def test_checkpoint_chat_templates(trained, tmp_path) -> None:

@@ -146,7 +146,7 @@ def test_bench_train_in_the_bf16_recipe_with_model_overrides(small_data, capsys)
     text = capsys.readouterr().out
     assert "bf16 autocast, fp32 master weights" in text and "model.hidden_size=48" in text
     assert "(bfloat16)" in text and "peak bf16 matmul" in text
-    assert main(["bench", "decode", "--dtype", "bfloat16"]) == 2
+    assert main(["bench", "serve", "--dtype", "bfloat16"]) == 2
 
 
 def test_data_without_held_out_text_reports_no_validation_loss(small_data, tmp_path, capsys) -> None:

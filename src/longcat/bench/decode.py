@@ -5,7 +5,8 @@ checkpoint also MTP speculative decoding against plain decoding and the draft ac
 Decode speed is (N - 1) / (time for N new tokens - time for 1 new token): the prefill cancels out.
 Ours is measured eager and with `compile=True` (torch.compile'd static-shape decode steps);
 transformers' generate runs as it ships (eager, its dynamic cache).
-Without --checkpoint the model is the `small` preset with seeded random weights.
+Without --checkpoint the model is a preset (`small` by default, `--set model.FIELD=VALUE` to change it)
+with seeded random weights; `--device` and `--dtype` choose where and in what the weights decode.
 """
 
 from __future__ import annotations
@@ -72,14 +73,25 @@ def run(
     repeats: int = 3,
     spec_prompts: int = 32,
     draft_tokens: int = 1,
+    device: str = "cpu",
+    dtype: str = "float32",
+    preset: str = "small",
+    overrides: dict | None = None,
 ) -> dict:
+    """Without a checkpoint the model is `preset` with `overrides` (model fields) and seeded random
+    weights; either way it decodes on `device` with weights in `dtype` (transformers' twin too)."""
+    weights = getattr(torch, dtype)
     if checkpoint:
-        model = LongcatForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+        model = LongcatForCausalLM.from_pretrained(checkpoint, device=device, dtype=weights).eval()
     else:
-        config = LongcatConfig.from_preset("small", max_position_embeddings=max(contexts) + new_tokens + 8)
-        model = LongcatForCausalLM(config, seed=0).eval()
+        overrides = {"max_position_embeddings": max(contexts) + new_tokens + 8, **(overrides or {})}
+        config = LongcatConfig.from_preset(preset, **overrides)
+        model = LongcatForCausalLM(config, seed=0, device=device, dtype=weights).eval()
     V = model.config.vocab_size
     result: dict = {
+        "preset": None if checkpoint else preset,
+        "overrides": {} if checkpoint else overrides,
+        "dtype": dtype,
         "checkpoint": checkpoint,
         "new_tokens": new_tokens,
         "transformers": transformers_version(),
@@ -98,7 +110,7 @@ def run(
     for context in contexts:
         if context + new_tokens > model.config.max_position_embeddings:
             continue
-        prompt = torch.randint(3, V, (1, context), generator=torch.Generator().manual_seed(context))
+        prompt = torch.randint(3, V, (1, context), generator=torch.Generator().manual_seed(context)).to(model.device)
         ours_compiled(prompt, new_tokens)  # compile outside the timing
         sides = {"longcat": ours, "longcat_compiled": ours_compiled}
         if twin is not None:
@@ -162,9 +174,10 @@ def _speculative(model, checkpoint: str, new_tokens: int, count: int, draft_toke
 
 
 def report(result: dict) -> str:
-    lines = [
-        f"Batch-1 greedy decoding, {'checkpoint ' + result['checkpoint'] if result['checkpoint'] else 'small preset'}"
-    ]
+    what = f"checkpoint {result['checkpoint']}" if result["checkpoint"] else f"preset {result['preset']}"
+    if result.get("overrides"):
+        what += " with " + ", ".join(f"{k}={v}" for k, v in result["overrides"].items())
+    lines = [f"Batch-1 greedy decoding, {what}, {result['dtype']} weights"]
     for context, rates in result["tokens_per_s"].items():
         line = (
             f"  context {context:>5}: longcat {rates['longcat']:7.1f} tokens/s eager, "

@@ -16,7 +16,7 @@ def _model_overrides(assignments: list[str]) -> dict:
     for item in assignments:
         key, sep, raw = item.partition("=")
         if not sep or not key.startswith("model."):
-            raise ConfigError(f"--set {item!r}: bench moe takes model.FIELD=VALUE (the model config's fields)")
+            raise ConfigError(f"--set {item!r}: bench moe and decode take model.FIELD=VALUE (the model's fields)")
         try:
             fields[key.removeprefix("model.")] = json.loads(raw)
         except json.JSONDecodeError:
@@ -27,9 +27,9 @@ def _model_overrides(assignments: list[str]) -> dict:
 def run(args: argparse.Namespace) -> int:
     from ..config import ConfigError
 
-    if args.name in ("decode", "ep", "serve") and (args.device != "cpu" or args.dtype != "float32" or args.set):
+    if args.name in ("ep", "serve") and (args.device != "cpu" or args.dtype != "float32" or args.set):
         raise ConfigError(f"bench {args.name} runs on the CPU in fp32 with its own flags: --device, --dtype and "
-                          "--set apply to bench train and bench moe")  # fmt: skip
+                          "--set apply to bench train, moe and decode")  # fmt: skip
     if args.name == "moe":
         import torch
 
@@ -74,8 +74,9 @@ def run(args: argparse.Namespace) -> int:
         from ..bench import decode
 
         result = decode.run(
-            checkpoint=args.checkpoint, repeats=max(2, args.rounds // 2), draft_tokens=args.draft_tokens
-        )
+            checkpoint=args.checkpoint, repeats=max(2, args.rounds // 2), draft_tokens=args.draft_tokens,
+            device=args.device, dtype=args.dtype, preset=args.preset, overrides=_model_overrides(args.set or []),
+        )  # fmt: skip
         print(json.dumps(result, indent=2) if args.json else decode.report(result))
         return 0
     raise AssertionError(args.name)
@@ -99,14 +100,14 @@ def add_parser(sub) -> None:  # noqa: ANN001 - argparse's subparsers action
     bench.add_argument("--seq-len", type=int, default=256)
     bench.add_argument("--rounds", type=int, default=10, help="timed rounds (the median is reported)")
     bench.add_argument("--data", help="train: a prepared data directory (default: the embedded corpus)")
-    bench.add_argument("--device", default="cpu", help="train, moe: cpu or cuda (cuda:N)")
+    bench.add_argument("--device", default="cpu", help="train, moe, decode: cpu or cuda (cuda:N)")
     bench.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16"],
-        help="train: bfloat16 is the bf16 autocast recipe (fp32 master weights); moe: the weights' dtype",
+        help="train: bfloat16 is the bf16 autocast recipe (fp32 master weights); moe, decode: the weights' dtype",
     )  # fmt: skip
     bench.add_argument(
         "--set", action="append", metavar="KEY=VALUE",
         help="train: a training config field (model.FIELD for the model, e.g. model.hidden_size=1024); "
-        "moe: model.FIELD only; repeatable",
+        "moe, decode: model.FIELD only; repeatable",
     )  # fmt: skip
     bench.set_defaults(func=run)
