@@ -115,13 +115,14 @@ def test_decode_paths_match_loop(path: str, tokens: int) -> None:
 
 
 def test_aligned_sizes_take_the_grouped_gemm() -> None:
-    from longcat.model.moe import _grouped_mm_applies, grouped_mm_available
+    from longcat.model.moe import grouped_how, grouped_mm_available
 
     if not grouped_mm_available():
         pytest.skip("this torch has no grouped GEMM")
-    moe = _moe(0, **ALIGNED)
-    assert _grouped_mm_applies(torch.randn(3, 48), moe.experts.gate_up_proj.transpose(1, 2))
-    assert not _grouped_mm_applies(torch.randn(3, 46), _moe(0, **UNALIGNED).experts.gate_up_proj.transpose(1, 2))
+    cpu = torch.device("cpu")
+    widths = lambda sizes: (sizes["hidden_size"], 2 * sizes["expert_ffn_hidden_size"], sizes["expert_ffn_hidden_size"])  # noqa: E731
+    assert grouped_how(cpu, torch.float32, widths(ALIGNED), sync_free=False) == "kernel"
+    assert grouped_how(cpu, torch.float32, widths(UNALIGNED), sync_free=False) != "kernel"
 
 
 def test_experts_with_no_ffn_slot_and_empty_input() -> None:

@@ -94,10 +94,6 @@ def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torc
     return fn(x, w, offs=offsets)
 
 
-def _grouped_mm_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
-    return _grouped_mm_takes(x.device, x.dtype, (x.shape[-1], w.shape[-1], w.shape[-2]))
-
-
 def _grouped_mm_takes(device: torch.device, dtype: torch.dtype, dims: tuple[int, ...]) -> bool:
     """The grouped GEMM kernels want 16-byte aligned rows, fp32/bf16/fp16 operands, and on CUDA (and
     under torch.compile, whose shape function says so) bf16."""
@@ -124,18 +120,20 @@ def grouped_how(device: torch.device, dtype: torch.dtype, dims: tuple[int, ...],
 _HOW_NAMES = {"kernel": "grouped GEMM", "padded": "grouped GEMM, padded rows", "loop": "grouped, per-expert GEMM loop"}
 
 
+def _path_name(path: str, dtype: torch.dtype) -> str:
+    """A path's name as training records it: with the compute dtype where it is not fp32."""
+    return path if dtype == torch.float32 else f"{path} ({str(dtype).removeprefix('torch.')})"
+
+
 def _aligned(dim: int, dtype: torch.dtype) -> int:
     step = 16 // torch.empty((), dtype=dtype).element_size()
     return -(-dim // step) * step
 
 
-def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, how: str | None = None) -> torch.Tensor:
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, how: str) -> torch.Tensor:
     """Row block g of x [rows, k] times w[g] [k, n]; offsets [G] int32 are the blocks' cumulative ends.
 
-    Rows past offsets[-1] are unspecified. `how` as grouped_how chose it (default: the kernel where
-    it applies, else the loop)."""
-    if how is None:
-        how = "kernel" if _grouped_mm_applies(x, w) else "loop"
+    Rows past offsets[-1] are unspecified. `how` as grouped_how chose it."""
     if how == "kernel":
         return _grouped_mm(x, w, offsets)
     if how == "padded":
@@ -302,14 +300,15 @@ class Experts(nn.Module):
     def _record(self, path: str, dtype: torch.dtype) -> None:
         """last_path: what the last call ran, in words (training writes it to environment.json)."""
         if not torch.compiler.is_compiling():
-            self.last_path = path if dtype == torch.float32 else f"{path} ({str(dtype).removeprefix('torch.')})"
+            self.last_path = _path_name(path, dtype)
 
     def path(self, tokens: int, top_k: int, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
         """Which of `forward`'s paths a call with this many tokens takes outside torch.compile, in words,
         predicted before any call (`last_path` says what a call ran). The paths round differently, so
         training records it (training/determinism.py)."""
         if tokens * top_k <= tuning.GATHER_SLOTS:
-            return "static: all experts" if tokens <= tuning.ALL_EXPERTS_TOKENS else "static: gathered weights"
+            small = "static: all experts" if tokens <= tuning.ALL_EXPERTS_TOKENS else "static: gathered weights"
+            return _path_name(small, dtype)
         static = accelerator_path(device)
         why = None
         if device.type == "cpu" and not static:
@@ -317,9 +316,7 @@ class Experts(nn.Module):
                 return "fused CPU kernel"
             why = unavailable_reason() if dtype == torch.float32 else f"{dtype} operands"
         how = grouped_how(device, dtype, (self.gate_up_proj.shape[-1], 2 * self.width, self.width), static)
-        path = _HOW_NAMES[how]
-        if dtype != torch.float32:
-            path = f"{path} ({str(dtype).removeprefix('torch.')})"
+        path = _path_name(_HOW_NAMES[how], dtype)
         return f"{path} ({why})" if why else path
 
     def forward_gathered(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
