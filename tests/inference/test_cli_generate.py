@@ -69,8 +69,12 @@ def test_bench_decode_on_a_trained_checkpoint(trained, capsys) -> None:
     pytest.importorskip("transformers")
     from longcat.bench import decode
 
-    result = decode.run(checkpoint=str(trained), contexts=(16,), new_tokens=4, repeats=1, spec_prompts=2)
+    result = decode.run(checkpoint=str(trained), contexts=(16,), new_tokens=4, repeats=1, spec_prompts=2, batches=(3,),
+                        batch_prompt=8)  # fmt: skip
     assert result["same_greedy_output_16"] is True
+    concurrent = result["concurrent"]["3"]
+    assert min(concurrent["longcat"], concurrent["longcat_compiled"], concurrent["speedup_vs_transformers"]) > 0
+    assert result["compile_s"]["16"] >= 0 and "3 concurrent requests" in decode.report(result)
     assert result["speedup_vs_transformers_16"] > 0 and result["speedup_vs_transformers_16_eager"] > 0
     assert result["speculative_output_identical"] is True and 0 <= result["acceptance_rate"] <= 1
     assert result["speculative_speedup_compiled"] > 0

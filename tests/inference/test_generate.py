@@ -7,8 +7,9 @@ import torch
 from tests.conftest import perturb, random_tiny_config
 
 from longcat import LongcatForCausalLM
-from longcat.inference.generate import GenerationError, GenerationStats, decode_step, prefill
-from longcat.inference.kv_cache import LatentCache
+from longcat.inference.generate import GenerationError, GenerationStats
+from longcat.inference.kv_cache import LatentCache, Rows
+from longcat.inference.steps import forward_rows
 from longcat.model.attention import MLA
 
 
@@ -20,22 +21,25 @@ def _model(seed: int = 0, **overrides) -> LongcatForCausalLM:
 
 @pytest.mark.parametrize("split", [1, 5, 11])
 def test_cached_logits_equal_uncached_across_splits(split: int) -> None:
+    """A fresh prefill (naive attention), then uneven chunks on the absorbed path, eagerly (keys up to the
+    longest row) and graph-ready (the whole slot, positions as a tensor): the logits of one full forward."""
     model = _model(1)
     ids = torch.randint(0, model.config.vocab_size, (2, 14), generator=torch.Generator().manual_seed(split))
     with torch.no_grad():
         full = model(ids).logits
-        cache = LatentCache(model.config, 2, 20, "cpu", torch.float32)
-        normed, _ = prefill(model, ids[:, :split], torch.ones(2, split, dtype=torch.long), cache)
-        pieces = [model.lm_head(normed)]
-        t = split
-        while t < 14:  # decode in uneven chunks: 1 token, then 3, ...
-            n = 1 if t == split else 3
-            chunk = ids[:, t : t + n]
-            pieces.append(
-                model.lm_head(decode_step(model, chunk, torch.arange(t, t + chunk.shape[1]).expand(2, -1), cache))
-            )
-            t += chunk.shape[1]
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-4)
+        for static in (False, True):
+            cache = LatentCache(model.config, 2, 20, "cpu", torch.float32)
+            pieces, t = [], 0
+            while t < 14:  # the prompt, then 1 token, then 3 at a time
+                n = split if t == 0 else 1 if t == split else 3
+                chunk = ids[:, t : t + n]
+                rows = cache.rows(0, 2, chunk.shape[1])
+                if static and t > 0:
+                    rows = Rows(*cache.tensors, 0, rows.positions, cache.max_tokens)
+                pieces.append(model.lm_head(forward_rows(model, rows, chunk)))
+                cache.advance(0, [chunk.shape[1]] * 2)
+                t += chunk.shape[1]
+            torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-4)
     assert (
         cache.nbytes
         == 2 * model.config.num_layers * 2 * 20 * (model.config.kv_lora_rank + model.config.qk_rope_head_dim) * 4
@@ -150,7 +154,7 @@ def test_compiled_cpu_decoder_fuses_few_row_gemms() -> None:
     calls), and the rewritten product equals the plain one."""
     from torch._dynamo.utils import counters
 
-    from longcat.inference.generate import _cpu_compile_options
+    from longcat.inference.compiled import _cpu_compile_options
     from longcat.model.tuning import FEW_ROWS
 
     options = _cpu_compile_options()
@@ -166,12 +170,12 @@ def test_compiled_cpu_decoder_fuses_few_row_gemms() -> None:
 
 
 def test_compiled_decoder_copy_and_rebuild_on_weight_change() -> None:
-    """The compiled decoder runs a transposed-storage copy of the linear weights, sharing everything
-    else, and is rebuilt (not reused with stale frozen weights) once any weight changes in place."""
-    from longcat.inference.generate import GenerationRequest, _decoding_copy
+    """The compiled steps run a transposed-storage copy of the linear weights, sharing everything
+    else, and are rebuilt (not reused with stale frozen weights) once any weight changes in place."""
+    from longcat.inference.compiled import compiled_steps, decoding_copy
 
     model = _model(4)
-    copy = _decoding_copy(model, transpose_linear=True)
+    copy = decoding_copy(model, transpose_linear=True)
     for (name, ours), theirs in zip(model.named_parameters(), copy.parameters()):
         assert torch.equal(ours, theirs), name
         if "proj" in name and ours.ndim == 2:
@@ -181,12 +185,11 @@ def test_compiled_decoder_copy_and_rebuild_on_weight_change() -> None:
     ids = torch.randint(0, model.config.vocab_size, (1, 9))
     with torch.no_grad():
         torch.testing.assert_close(copy(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
-    request = GenerationRequest(ids, torch.ones_like(ids), 4, None, [], 0, None, compile=True)  # type: ignore[arg-type]
-    first = request.decoder(model)
-    assert request.decoder(model) is first
+    first = compiled_steps(model)
+    assert compiled_steps(model) is first
     with torch.no_grad():
         model.lm_head.weight.add_(1.0)
-    assert request.decoder(model) is not first
+    assert compiled_steps(model) is not first
 
 
 def test_sampling_is_reproducible_with_a_seed() -> None:
@@ -246,25 +249,30 @@ def test_sampled_decoding_follows_the_model_distribution() -> None:
 
 def test_rejection_rule_keeps_the_main_distribution() -> None:
     """Draft d ~ q, accept with min(1, p(d)/q(d)), else draw from normalise(max(p - q, 0)): the emitted
-    token follows p, however far q is from it."""
-    from longcat.inference.sampling import SamplingParams
-    from longcat.inference.speculative import accept_drafts
+    token follows p, however far q is from it. 20000 rows, each its own seed, in one batched call."""
+    from longcat.inference.sampling import DRAFT, RowSettings, SamplingParams, accept, draw
 
     g = torch.Generator().manual_seed(0)
-    p_logits = torch.randn(2, 6, generator=g) * 2
+    target = (torch.randn(2, 6, generator=g) * 2).softmax(-1)  # p at the draft's position, then after it
     q = torch.softmax(torch.randn(6, generator=g) * 2, -1)
-    params = SamplingParams(do_sample=True)
-    p = p_logits[0].softmax(-1)
+    p = target[0]
     assert 0.5 * (p - q).abs().sum() > 0.3
-    counts = torch.zeros(6)
     n = 20000
-    for _ in range(n):
-        d = int(torch.multinomial(q, 1, generator=g))
-        accepted, nxt = accept_drafts(p_logits, [d], [q], params, g)
-        counts[d if accepted == 1 else int(nxt)] += 1
-    assert 0.5 * (counts / n - p).abs().sum() < 0.02
-    greedy = SamplingParams()
-    assert accept_drafts(p_logits, [int(p_logits[0].argmax())], [q], greedy, g)[0] == 1
+    rows = RowSettings.of([SamplingParams(do_sample=True)] * n, list(range(n)), 6, torch.device("cpu"))
+    positions = torch.arange(2).expand(n, 2) + 7
+    drafts = draw(q.expand(n, 1, 6), rows.seed, positions[:, :1], DRAFT)  # [n, 1]
+    accepted, following = accept(target.expand(n, 2, 6), q.expand(n, 1, 6), drafts, rows, positions)
+    emitted = torch.where(accepted == 1, drafts[:, 0], following)
+    assert 0.5 * (torch.bincount(emitted, minlength=6) / n - p).abs().sum() < 0.02
+    assert 0.5 * (torch.bincount(drafts[:, 0], minlength=6) / n - q).abs().sum() < 0.02
+    # one-hot (greedy) distributions: accepted exactly while the argmaxes agree, then the main argmax
+    one_hot = torch.eye(6)
+    best = int(p.argmax())
+    greedy = RowSettings.of([SamplingParams()], [0], 6, torch.device("cpu"))
+    for draft, expected in ((best, (1, int(target[1].argmax()))), ((best + 1) % 6, (0, best))):
+        got = accept(one_hot[target.argmax(-1)][None], one_hot[[draft]][None], torch.tensor([[draft]]), greedy,
+                     positions[:1])  # fmt: skip
+        assert (int(got[0][0]), int(got[1][0])) == expected
 
 
 def test_bad_requests_are_named() -> None:
@@ -276,8 +284,11 @@ def test_bad_requests_are_named() -> None:
     no_mtp = _model(9, num_nextn_predict_layers=0)
     with pytest.raises(GenerationError, match="MTP weights"):
         no_mtp.generate([[1, 2]], max_new_tokens=2, speculative="mtp")
-    with pytest.raises(GenerationError, match="one sequence"):
-        model.generate([[1, 2], [3, 4]], max_new_tokens=2, speculative="mtp")
+    # a batch decodes speculatively as its rows do plainly
+    batch = [[1, 2], [3, 4, 5, 6]]
+    plain = model.generate(batch, max_new_tokens=9, eos_token_id=[])
+    assert torch.equal(model.generate(batch, max_new_tokens=9, eos_token_id=[], speculative="mtp", num_draft_tokens=2),
+                       plain)  # fmt: skip
 
 
 def test_right_padded_prompts_decode_as_left_padded_ones() -> None:
@@ -317,13 +328,13 @@ def test_bad_sampling_and_stream_requests_fail_at_the_call() -> None:
 
 
 def test_compiled_decoder_follows_dtype_changes_and_frees_the_model() -> None:
-    """The decoder cache is keyed weakly by the model and its decoder holds a copy of the modules
-    sharing the tensors, not the model, so a dropped model is freed; converting the model's dtype
-    builds a new decoder rather than reusing graphs for the old one."""
+    """The compiled steps are kept weakly by the model and hold a copy of its modules sharing the
+    tensors, not the model, so a dropped model is freed; converting the model's dtype builds new steps
+    rather than reusing graphs for the old one."""
     import gc
     import weakref
 
-    from longcat.inference.generate import GenerationRequest, _decoding_copy
+    from longcat.inference.compiled import compiled_steps, decoding_copy
 
     model = _model(4)
     model.train()
@@ -331,17 +342,15 @@ def test_compiled_decoder_follows_dtype_changes_and_frees_the_model() -> None:
         moe.keep_routing = True
     model(torch.randint(0, model.config.vocab_size, (1, 6)))
     model.eval()
-    shared = _decoding_copy(model, transpose_linear=False)
+    shared = decoding_copy(model, transpose_linear=False)
     assert all(moe.last_routing is None for moe in shared.moe_layers())
     assert all(a is b for a, b in zip(model.parameters(), shared.parameters()))
-    ids = torch.randint(0, model.config.vocab_size, (1, 5))
-    request = GenerationRequest(ids, torch.ones_like(ids), 4, None, [], 0, None, compile=True)  # type: ignore[arg-type]
-    first = request.decoder(model)
+    first = compiled_steps(model)
     model.double()
-    second = request.decoder(model)
+    second = compiled_steps(model)
     assert second is not first
     model.float()
-    assert request.decoder(model) is not second
+    assert compiled_steps(model) is not second
     alive = weakref.ref(model)
     del model, first, second, shared
     gc.collect()
@@ -361,7 +370,7 @@ def test_generated_ids_can_feed_training() -> None:
 
 
 def test_few_row_logits_equal_the_lm_head() -> None:
-    from longcat.inference.generate import lm_logits
+    from longcat.inference.steps import lm_logits
 
     model = _model(3)
     with torch.no_grad():

@@ -212,16 +212,17 @@ def test_engine_thread_serves_and_stops(model) -> None:
 @pytest.mark.slow
 def test_compiled_decode_steps_equal_eager(model) -> None:
     """--compile: static-shape graphs per batch bucket (rows padded, each attending over its whole slot)
-    give the eager engine's tokens, with rows joining and leaving between steps."""
+    give the eager engine's tokens, with rows joining and leaving between steps; so does the compiled
+    speculation round (traced by the quick aot_eager backend: Inductor compiles each for tens of seconds)."""
     if model.config.vocab_size != random_tiny_config(3).vocab_size:
         pytest.skip("one model is enough: each bucket compiles for tens of seconds")
     prompts = _prompts(model.config.vocab_size, 3, seed=7)
     lengths = [6, 9, 4]
     params = [RequestParams(max_tokens=n, ignore_eos=True) for n in lengths]
-    engine = Engine(model, IdTokens(), max_batch=2, compile=True)
-    assert engine.compiled.warm_up() == [1, 2]
-    tokens, _, _ = _serve(engine, prompts, params, arrive=[0, 2, 3])
-    for i, prompt in enumerate(prompts):
-        assert tokens[i] == _reference(model, prompt, lengths[i]), i
-    with pytest.raises(EngineError, match="choose one"):
-        Engine(model, IdTokens(), compile=True, speculative=True)
+    for speculative, backend in ((False, "inductor"), (True, "aot_eager")):
+        engine = Engine(model, IdTokens(), max_batch=2, compile=True, compile_backend=backend, speculative=speculative,
+                        num_draft_tokens=2)  # fmt: skip
+        assert [engine.bucket(n) for n in (1, 2, 3)] == [1, 2, 2]
+        tokens, _, _ = _serve(engine, prompts, params, arrive=[0, 2, 3])
+        for i, prompt in enumerate(prompts):
+            assert tokens[i] == _reference(model, prompt, lengths[i]), (speculative, i)

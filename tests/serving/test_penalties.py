@@ -9,9 +9,9 @@ from tests.conftest import perturb, random_tiny_config
 from tests.serving.test_engine import IdTokens, _prompts, _serve
 
 from longcat import LongcatForCausalLM
-from longcat.inference.sampling import SamplingParams, probabilities
+from longcat.inference.penalties import Penalties, PenaltyTable
+from longcat.inference.sampling import RowSettings, SamplingParams, distribution
 from longcat.serving.engine import Engine, EngineError, RequestParams
-from longcat.serving.penalties import Penalties, PenaltyState
 
 
 def reference_adjust(logits: torch.Tensor, prompt: list[int], output: list[int], p: Penalties) -> torch.Tensor:
@@ -45,21 +45,27 @@ def test_adjustment_equals_the_per_token_reference() -> None:
     g = torch.Generator().manual_seed(0)
     vocab, prompt = 50, [1, 4, 4, 9, 30]
     for p in PENALTIES:
-        state = PenaltyState(p, prompt, vocab, torch.device("cpu"))
+        table = PenaltyTable(3, vocab, torch.device("cpu"))
+        table.admit(1, p, prompt)  # the slot between two neutral ones
         output = []
         for step in range(6):
-            logits = torch.randn(vocab, generator=g) * 3
+            logits = torch.randn(3, 1, vocab, generator=g) * 3
             ahead = [7, 4, 7][: step % 4]
-            torch.testing.assert_close(state.apply(logits, ahead), reference_adjust(logits, prompt, output + ahead, p))
+            counts = torch.zeros(3, 1, vocab)
+            counts[:, 0].index_add_(1, torch.tensor(ahead, dtype=torch.long), torch.ones(3, len(ahead)))
+            got = table.rows(0, 3).apply(logits, counts)
+            torch.testing.assert_close(got[1, 0], reference_adjust(logits[1, 0], prompt, output + ahead, p))
+            assert torch.equal(got[[0, 2]], logits[[0, 2]])  # neutral slots: the model's own logits, exactly
             token = int(torch.randint(0, vocab, (1,), generator=g))
             output.append(token)
-            state.record([token])
+            table.record(1, torch.tensor([[token]]))
     assert not Penalties().active and all(p.active for p in PENALTIES)
 
 
 def test_min_p_keeps_tokens_within_a_factor_of_the_best() -> None:
     logits = torch.log(torch.tensor([0.5, 0.3, 0.1, 0.06, 0.04]))
-    probs = probabilities(logits, SamplingParams(do_sample=True, min_p=0.15))  # floor 0.075
+    rows = RowSettings.of([SamplingParams(do_sample=True, min_p=0.15)], [0], 5, torch.device("cpu"))
+    probs = distribution(logits[None, None], rows)[0, 0]  # floor 0.075
     assert probs[3] == 0 and probs[4] == 0
     torch.testing.assert_close(probs[:3], torch.tensor([0.5, 0.3, 0.1]) / 0.9)
 

@@ -71,7 +71,7 @@ def test_n_choices_of_several_prompts(client, tokenizer):
 def test_penalties_and_logit_bias(client, checkpoint, tokenizer):
     from tests.serving.test_penalties import reference_decode
 
-    from longcat.serving.penalties import Penalties
+    from longcat.inference.penalties import Penalties
 
     model = LongcatForCausalLM.from_pretrained(checkpoint).eval()
     prompt = tokenizer.encode("In the beginning")

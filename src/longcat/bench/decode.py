@@ -3,8 +3,13 @@ absorbed MLA) against transformers' `generate` on the same weights, side by side
 checkpoint also MTP speculative decoding against plain decoding and the draft acceptance rate.
 
 Decode speed is (N - 1) / (time for N new tokens - time for 1 new token): the prefill cancels out.
-Ours is measured eager and with `compile=True` (torch.compile'd static-shape decode steps);
-transformers' generate runs as it ships (eager, its dynamic cache).
+Ours is measured eager and with `compile=True` (torch.compile'd static-shape decode steps: CUDA graphs on
+a GPU); transformers' generate runs as it ships (eager, its dynamic cache). The first compiled call's
+extra time is reported as compile (and capture) seconds.
+
+Concurrent decoding (`batches`, 16 and 64 by default): C requests of a 128-token prompt submitted to our
+engine at once, against transformers' generate over the same C prompts as one batch; output tokens/s
+over the whole run, prefill included, on both sides.
 Without --checkpoint the model is a preset (`small` by default, `--set model.FIELD=VALUE` to change it)
 with seeded random weights; `--device` and `--dtype` choose where and in what the weights decode.
 """
@@ -77,6 +82,8 @@ def run(
     dtype: str = "float32",
     preset: str = "small",
     overrides: dict | None = None,
+    batches: tuple[int, ...] = (16, 64),
+    batch_prompt: int = 128,
 ) -> dict:
     """Without a checkpoint the model is `preset` with `overrides` (model fields) and seeded random
     weights; either way it decodes on `device` with weights in `dtype` (transformers' twin too)."""
@@ -111,7 +118,11 @@ def run(
         if context + new_tokens > model.config.max_position_embeddings:
             continue
         prompt = torch.randint(3, V, (1, context), generator=torch.Generator().manual_seed(context)).to(model.device)
-        ours_compiled(prompt, new_tokens)  # compile outside the timing
+        calls = []
+        for _ in range(2):  # compile outside the timing; the first call's extra time is the compilation
+            start = time.perf_counter()
+            ours_compiled(prompt, new_tokens)
+            calls.append(time.perf_counter() - start)
         sides = {"longcat": ours, "longcat_compiled": ours_compiled}
         if twin is not None:
             sides["transformers"] = theirs
@@ -125,9 +136,52 @@ def run(
             result[f"speedup_vs_transformers_{context}"] = rates["longcat_compiled"] / rates["transformers"]
             result[f"speedup_vs_transformers_{context}_eager"] = rates["longcat"] / rates["transformers"]
         result["tokens_per_s"][str(context)] = rates
+        result.setdefault("compile_s", {})[str(context)] = max(calls[0] - calls[1], 0.0)
+    for clients in batches:
+        if batch_prompt + new_tokens <= model.config.max_position_embeddings:
+            result.setdefault("concurrent", {})[str(clients)] = _concurrent(model, twin, clients, batch_prompt,
+                                                                            new_tokens)  # fmt: skip
     if checkpoint and model.model.mtp is not None and (Path(checkpoint) / "tokenizer.json").is_file():
         result.update(_speculative(model, checkpoint, new_tokens, spec_prompts, draft_tokens, repeats))
     return result
+
+
+def _concurrent(model, twin, clients: int, prompt_tokens: int, new_tokens: int) -> dict:  # noqa: ANN001
+    """Output tokens/s of `clients` requests decoded together: our engine (eager, then compiled: its
+    first run includes compiling the bucket) against transformers' batched generate."""
+    from ..serving.engine import Engine, RequestParams
+
+    g = torch.Generator().manual_seed(clients)
+    prompts = torch.randint(3, model.config.vocab_size, (clients, prompt_tokens), generator=g)
+
+    def engine_run(compile: bool) -> float:
+        engine = Engine(model, None, max_batch=clients, max_queue=clients, prefill_chunk=clients * prompt_tokens,
+                        max_model_len=prompt_tokens + new_tokens, compile=compile)  # fmt: skip
+        done: list = []
+        start = time.perf_counter()
+        for row in prompts.tolist():
+            engine.submit(row, RequestParams(max_tokens=new_tokens, ignore_eos=True),
+                          lambda out: out.finish_reason and done.append(out))  # fmt: skip
+        while len(done) < clients:
+            engine.step()
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    tokens = clients * new_tokens
+    out: dict = {"longcat": tokens / engine_run(False)}
+    first = engine_run(True)
+    again = engine_run(True)
+    out["longcat_compiled"], out["compile_s"] = tokens / again, max(first - again, 0.0)
+    if twin is not None:
+        ids = prompts.to(model.device)
+        with torch.inference_mode():
+            start = time.perf_counter()
+            twin.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)  # fmt: skip
+            out["transformers"] = tokens / (time.perf_counter() - start)
+        out["speedup_vs_transformers"] = out["longcat_compiled"] / out["transformers"]
+    return out
 
 
 def _speculative(model, checkpoint: str, new_tokens: int, count: int, draft_tokens: int, repeats: int) -> dict:  # noqa: ANN001
@@ -190,6 +244,14 @@ def report(result: dict) -> str:
                 f"{result[f'speedup_vs_transformers_{context}']:.2f}x compiled"
                 f" | same output: {result[f'same_greedy_output_{context}']}"
             )
+        lines.append(line)
+    for context, seconds in result.get("compile_s", {}).items():
+        lines.append(f"  compiling (and capturing) the batch-1 decode step at context {context}: {seconds:.1f} s")
+    for clients, rates in result.get("concurrent", {}).items():
+        line = (f"  {clients:>3} concurrent requests: longcat {rates['longcat']:8.1f} tokens/s eager, "
+                f"{rates['longcat_compiled']:8.1f} compiled (compiling {rates['compile_s']:.1f} s)")  # fmt: skip
+        if "transformers" in rates:
+            line += f" | transformers {rates['transformers']:8.1f} | speed-up {rates['speedup_vs_transformers']:.2f}x"
         lines.append(line)
     if "acceptance_rate" in result:
         lines.append(

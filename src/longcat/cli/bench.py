@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         result = decode.run(
             checkpoint=args.checkpoint, repeats=max(2, args.rounds // 2), draft_tokens=args.draft_tokens,
             device=args.device, dtype=args.dtype, preset=args.preset, overrides=_model_overrides(args.set or []),
+            batches=tuple(args.batch) if args.batch else (16, 64),
         )  # fmt: skip
         print(json.dumps(result, indent=2) if args.json else decode.report(result))
         return 0
@@ -95,7 +96,11 @@ def add_parser(sub) -> None:  # noqa: ANN001 - argparse's subparsers action
     bench.add_argument("--json", action="store_true")
     bench.add_argument("--preset", default="small")
     bench.add_argument(
-        "--batch", type=int, nargs="+", default=None, help="sequences per batch (moe: 2 4 8; train: 8; ep: 4 a rank)"
+        "--batch",
+        type=int,
+        nargs="+",
+        default=None,
+        help="sequences per batch (moe: 2 4 8; train: 8; ep: 4 a rank; decode: 16 64 concurrent requests)",
     )
     bench.add_argument("--seq-len", type=int, default=256)
     bench.add_argument("--rounds", type=int, default=10, help="timed rounds (the median is reported)")

@@ -55,7 +55,7 @@ def add_parser(sub) -> None:  # noqa: ANN001 - argparse's subparsers action
     srv.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the decode step (one graph per batch bucket, compiled before serving)",
+        help="torch.compile the decode step or speculation round (graphs per batch bucket, compiled before serving)",
     )
     srv.add_argument(
         "--max-model-len",

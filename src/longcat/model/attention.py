@@ -20,7 +20,7 @@ from ..config import LongcatConfig
 from .norm_rope import RMSNorm, apply_rotary_interleaved
 
 if TYPE_CHECKING:
-    from ..inference.kv_cache import LatentCache
+    from ..inference.kv_cache import Rows
 
 # transformers builds the latent norms with the RMSNorm default eps, not rms_norm_eps.
 LATENT_NORM_EPS = 1e-6
@@ -71,21 +71,20 @@ class MLA(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
-        cache: LatentCache | None = None,
+        cache: Rows | None = None,
         sublayer: int = 0,
-        start: int = 0,
     ) -> torch.Tensor:
         """x [B, T, H]; cos/sin [B, T, R/2]; attn_mask None (causal) or bool [B, 1, T, S] (True = attend).
 
-        Without a cache, or when a cache is empty (prefill), the naive path: keys and values expanded
-        from the latent of these T tokens. With cached tokens before `start`, the absorbed path over all
-        S = start + T cached latents. Either way the new latents are written to the cache first: the
-        cache's `update` writes them and returns the keys to attend over, or None when these T tokens
-        are all there is (kv_cache.py: LatentCache for one generation, SlotRows for a serving batch)."""
+        Without a cache, or when every row starts empty (a first prefill chunk), the naive path: keys and
+        values expanded from the latent of these T tokens. Otherwise the absorbed path over the S cached
+        latents of each row. Either way the new latents are written to the cache first: the cache's
+        `update` (kv_cache.Rows) writes them and returns the keys to attend over, or None when these T
+        tokens are all there is."""
         q_nope, q_rope = self.query(x, cos, sin)
         latent, k_rope = self.latent(x, cos, sin)
         if cache is not None:
-            keys = cache.update(sublayer, start, latent, k_rope)
+            keys = cache.update(sublayer, latent, k_rope)
             if keys is not None:
                 return self.absorbed(q_nope, q_rope, *keys, attn_mask)
         return self.naive(q_nope, q_rope, latent, k_rope, attn_mask)

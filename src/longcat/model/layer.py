@@ -29,7 +29,7 @@ from .moe import MoE
 from .norm_rope import RMSNorm
 
 if TYPE_CHECKING:
-    from ..inference.kv_cache import LatentCache
+    from ..inference.kv_cache import Rows
 
 
 class DecoderLayer(nn.Module):
@@ -49,12 +49,11 @@ class DecoderLayer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
-        cache: LatentCache | None = None,
+        cache: Rows | None = None,
         index: int = 0,
-        start: int = 0,
     ) -> torch.Tensor:
         """x [B, T, H] -> [B, T, H]. With a cache, this layer's attentions use sublayers 2 index + {0, 1}."""
-        attn = lambda i, inp: self.self_attn[i](inp, cos, sin, attn_mask, cache, 2 * index + i, start)
+        attn = lambda i, inp: self.self_attn[i](inp, cos, sin, attn_mask, cache, 2 * index + i)
         h = x + attn(0, self.input_layernorm[0](x))
         u = self.post_attention_layernorm[0](h)
         if not self.shortcut:  # the study baseline: the MoE reads what FFN_1 reads, after the second attention

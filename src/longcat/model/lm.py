@@ -26,7 +26,7 @@ from .norm_rope import RMSNorm, RotaryEmbedding
 from .router import Router
 
 if TYPE_CHECKING:
-    from ..inference.kv_cache import LatentCache
+    from ..inference.kv_cache import Rows
 
 IGNORE_INDEX = -100
 
@@ -78,19 +78,18 @@ class LongcatModel(nn.Module):
         input_ids: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
-        cache: LatentCache | None = None,
-        start: int = 0,
+        cache: Rows | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """input_ids [B, T] -> last hidden state before the final norm [B, T, H], and the (cos, sin)
-        tables [B, T, R/2] so the MTP module can reuse them. With a cache, the T tokens sit at cache
-        positions start .. start + T (the caller reserves them)."""
+        tables [B, T, R/2] so the MTP module can reuse them. With a cache (kv_cache.Rows), each row's T
+        tokens sit at its own positions (position_ids), where the cache writes them."""
         B, T = input_ids.shape
         if position_ids is None:
-            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(position_ids, x.dtype)
         for index, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, attn_mask, cache, index, start)
+            x = layer(x, cos, sin, attn_mask, cache, index)
         return x, (cos, sin)
 
 

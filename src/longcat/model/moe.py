@@ -326,7 +326,7 @@ class Experts(nn.Module):
         T, K = indices.shape
         slot_expert = indices.reshape(-1).clamp(max=self.num_experts - 1)  # [A]; zero slots get weight 0
         gate = (weights * (indices < self.num_experts)).reshape(-1).to(x.dtype)  # [A]
-        rows = x.repeat_interleave(K, dim=0).unsqueeze(-1)  # [A, H, 1]
+        rows = x[:, None].expand(T, K, x.shape[-1]).reshape(T * K, -1, 1)  # [A, H, 1], no host read
         h = torch.bmm(self.gate_up_proj[slot_expert], rows).squeeze(-1)  # [A, 2I]
         g, u = h.chunk(2, dim=-1)
         a = (F.silu(g) * u * gate.unsqueeze(-1)).unsqueeze(-1)  # [A, I, 1]

@@ -26,7 +26,7 @@ from .ffn import SwiGLU
 from .norm_rope import RMSNorm
 
 if TYPE_CHECKING:
-    from ..inference.kv_cache import LatentCache
+    from ..inference.kv_cache import Rows
 
 
 class _MlpHolder(nn.Module):
@@ -56,12 +56,11 @@ class MTPLayer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
-        cache: LatentCache | None = None,
-        start: int = 0,
+        cache: Rows | None = None,
     ) -> torch.Tensor:
         """embeds, hidden [B, T, H] -> [B, T, H]. A cache for the MTP layer has one sublayer of its own."""
         z = self.eh_proj(torch.cat((self.enorm["m"](embeds), self.hnorm["m"](hidden)), dim=-1))
-        z = z + self.self_attn(self.input_layernorm(z), cos, sin, attn_mask, cache, 0, start)
+        z = z + self.self_attn(self.input_layernorm(z), cos, sin, attn_mask, cache, 0)
         return z + self.transformer_layer.mlp(self.post_attention_layernorm(z))
 
 
@@ -79,9 +78,8 @@ class MTP(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
-        cache: LatentCache | None = None,
-        start: int = 0,
+        cache: Rows | None = None,
     ) -> torch.Tensor:
         """next_ids [B, T] (t_{i+1}), hidden [B, T, H] (h_i) -> normed MTP hidden [B, T, H]."""
-        z = self.layers[0](self.embed_tokens(next_ids), hidden, cos, sin, attn_mask, cache, start)
+        z = self.layers[0](self.embed_tokens(next_ids), hidden, cos, sin, attn_mask, cache)
         return self.norm(z)

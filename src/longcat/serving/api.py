@@ -21,8 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..inference.generate import GenerationError
-from .batch import Choice
-from .engine import Engine, EngineError, Output, QueueFull, RequestParams
+from .engine import Choice, Engine, EngineError, Output, QueueFull, RequestParams
 from .engine import Request as EngineRequest
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest, RequestError

@@ -1,45 +1,49 @@
-"""The serving engine: one thread owns the model and batches every request continuously.
+"""The decoding engine: the one place tokens are generated. `generate`, `longcat generate` and
+`longcat serve` are all its clients; one thread (the server's, or the caller's) drives it.
 
 Requests join the running batch between steps and leave it when they finish, each with its own
-sampling settings, stop rules and cache slot. Each turn of the loop:
+sampling settings, seed, stop rules and cache slot. Each turn of the loop (`step`):
 
 1. takes new requests and cancellations from its inbox, and frees the slots of requests that ended
    (running slots stay contiguous: the last ones move down into the gaps, one slot copy each);
 2. when no prefill is in flight, admits waiting requests into free slots: one long prompt alone, or
    several short ones together when their padded size fits the prefill chunk;
 3. runs one prefill chunk of those (a long prompt takes several turns, so running streams keep
-   flowing between its chunks); a request whose prompt is done gets its first token and joins
-   the running rows;
-4. runs one decode step for every running row: one token each, or an MTP speculation round
-   (`speculative=True`: k drafts per row, verified in one forward, per-row acceptance).
+   flowing between its chunks); when their prompts are done they get their first tokens and join the
+   running rows for the next turn;
+4. runs one decode step for every running row (inference/steps.py): one token each, or an MTP
+   speculation round (`speculative=True`: k drafts per row, verified in one forward, per-row acceptance);
+5. reads the turn's chosen tokens to the host in one copy, and hands each request its new tokens.
 
-Slots: running requests at 0 .. R - 1, the prefill in flight at R .. R + g - 1.
+Slots: running requests at 0 .. R - 1, the prefill in flight at R .. R + g - 1. With `compile=True` the
+decode step and the speculation round run as compiled graphs (inference/compiled.py) over rows padded
+to a bucket of 1, 2, 4, ... up to max_batch.
 
 Batch invariance: a row's result depends on the other rows only through floating-point rounding
-(matrix products of another shape may sum in another order; rows never attend to each other), so a
-greedy request served among others gives the same tokens as alone except where two candidates tie
-to within rounding. tests/serving/test_engine.py measures it.
+(matrix products of another shape may sum in another order; rows never attend to each other, and each
+row's random numbers are its own, sampling.py), so a request served among others gives the same tokens
+as alone except where two candidates tie to within rounding. tests/serving/test_engine.py measures it.
 """
 
 from __future__ import annotations
 
 import collections
+import random
 import threading
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
-from ..inference.generate import lm_logits
-from ..inference.kv_cache import SlotCache
-from ..inference.sampling import SamplingParams
+from ..inference import steps
+from ..inference.kv_cache import BLOCK_TOKENS, LatentCache
+from ..inference.penalties import Penalties, PenaltyTable
+from ..inference.sampling import RowSettings, SamplingParams, choose
 from ..model.lm import LongcatForCausalLM
-from . import batch
-from .batch import Choice, Pending, RowSampling
 from .detokenize import TextStream
-from .penalties import Penalties, PenaltyState
 
 
 class EngineError(ValueError):
@@ -60,10 +64,20 @@ class RequestParams:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] | None = None  # tokens that end the request; None: the model's end-of-sequence ones
     ignore_eos: bool = False
     logprobs: int | None = None  # per generated token: None off, n >= 0 the chosen one's and n alternatives
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (OpenAI `echo` with `logprobs`)
     penalties: Penalties = field(default_factory=Penalties)
+
+
+@dataclass
+class Choice:
+    """A chosen token and, when asked for, its log-probability and the n most likely alternatives."""
+
+    token: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
 
 
 @dataclass
@@ -89,22 +103,45 @@ class Request:
     id: int = 0
     submitted: float = 0.0
     slot: int = -1
+    seed: int = 0
     done_prompt: int = 0  # prompt tokens in the cache
     output: list[int] = field(default_factory=list)
     text: TextStream | None = None
-    sampling: RowSampling | None = None
-    pending: Pending | None = None  # speculative decoding: the MTP layer's unseen pairs
+    pending_pairs: int = 1  # speculative decoding: pairs the MTP cache has not seen (host copy)
+    drafted: int = 0
+    accepted: int = 0
     prompt_logits: list[torch.Tensor] = field(default_factory=list)
     first_token_at: float | None = None
     finish_reason: str | None = None
     cancelled: bool = False
 
 
+def describe(logits: torch.Tensor, token: int, top: int | None) -> Choice:
+    """logits [V] of the model (before temperature, as OpenAI reports them) -> the Choice for `token`."""
+    if top is None:
+        return Choice(token)
+    logprobs = logits.float().log_softmax(-1)
+    best = []
+    if top > 0:
+        values, indices = logprobs.topk(min(top, logprobs.shape[-1]))
+        best = list(zip(indices.tolist(), values.tolist()))
+    return Choice(token, float(logprobs[token]), best)
+
+
+def right_padded(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, list[int]]:
+    """Token lists -> ids [B, T] padded at the end with 0, and each row's true count."""
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+    return ids.to(device), [len(r) for r in rows]
+
+
 class Engine:
     def __init__(
         self,
         model: LongcatForCausalLM,
-        tokenizer,  # noqa: ANN001 - inference.chat.CheckpointTokenizer or anything with decode(ids)
+        tokenizer,  # noqa: ANN001 - inference.chat.CheckpointTokenizer, anything with decode(ids), or None
         max_batch: int = 16,
         max_queue: int = 64,
         speculative: bool = False,
@@ -113,24 +150,22 @@ class Engine:
         metrics=None,  # noqa: ANN001 - serving.metrics.Metrics
         max_model_len: int | None = None,
         compile: bool = False,
+        compile_backend: str = "inductor",
     ) -> None:
         """max_model_len: prompt + output tokens a request may reach (default and upper bound: the model's
-        max_position_embeddings); the cache holds max_batch slots of about this many tokens."""
+        max_position_embeddings); the cache holds max_batch slots of about this many tokens. Without a
+        tokenizer (generate) outputs carry tokens only, and stop strings are refused."""
         if speculative and model.model.mtp is None:
             raise EngineError(
                 "speculative decoding needs MTP weights (model.mtp.*); this checkpoint has none "
                 "(num_nextn_predict_layers = 0): serve without --speculative"
-            )
-        if compile and speculative:
-            raise EngineError(
-                "--compile compiles the plain decode step; with --speculative the engine decodes eagerly: choose one"
             )
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1 or num_draft_tokens < 1:
             raise EngineError(
                 f"max_batch ({max_batch}), prefill_chunk ({prefill_chunk}) and num_draft_tokens "
                 f"({num_draft_tokens}) must be positive and max_queue ({max_queue}) non-negative"
             )
-        self.model = model.eval()  # once: the engine never switches modes
+        self.model = model.eval()  # the engine never switches modes; generate restores the caller's
         self.tokenizer = tokenizer
         self.context = model.config.max_position_embeddings
         if max_model_len is not None:
@@ -143,18 +178,30 @@ class Engine:
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.speculative, self.k = speculative, num_draft_tokens
         self.metrics = metrics
-        self.eos = set(model.config.eos_token_ids)
-        # speculative drafts are written up to k + 1 entries past a row's true ones (padded prefill rows
-        # never pass the context: a group of prompts starts at 0 and its longest prompt fits)
-        room = self.context + num_draft_tokens + 1
+        self.eos = list(model.config.eos_token_ids)
+        # a round writes up to 2k entries past a row's true ones (k + 1 verified, chained drafts in the MTP
+        # cache), padding rows write k + 1 past `self.pad_length`; compiled slots round up to 256, so
+        # one graph serves many request sizes
+        unit = 256 if compile else BLOCK_TOKENS
+        room = -(-(self.context + 2 * num_draft_tokens + 2) // unit) * unit
         device, dtype = model.device, model.dtype
-        self.cache = SlotCache(model.config, max_batch, room, device, dtype)
-        self.mtp_cache = SlotCache(model.config, max_batch, room, device, dtype, sublayers=1) if speculative else None
+        self.cache = LatentCache(model.config, max_batch, room, device, dtype)
+        self.pad_length = room - (num_draft_tokens + 1 if speculative else 1)
+        self.mtp_cache = self.pending = None
+        if speculative:
+            self.mtp_cache = LatentCache(model.config, max_batch, room, device, dtype, sublayers=1)
+            H, k = model.config.hidden_size, num_draft_tokens
+            self.pending = steps.Pending(torch.zeros(max_batch, k + 1, dtype=torch.long, device=device),
+                                         torch.zeros(max_batch, k + 1, H, dtype=dtype, device=device),
+                                         torch.ones(max_batch, dtype=torch.long, device=device))  # fmt: skip
+        self.penalties: PenaltyTable | None = None  # made when a request first asks for one
         self.compiled = None
         if compile:
-            from .compiled import CompiledSteps
+            from ..inference.compiled import compiled_steps
 
-            self.compiled = CompiledSteps(model, self.cache)
+            self.compiled = compiled_steps(model, compile_backend)
+            self.compiled.mark_static(*self.cache.tensors, *(self.mtp_cache.tensors if speculative else ()))
+        self._settings: tuple[tuple, RowSettings] | None = None
         self.running: list[Request] = []
         self.prefilling: list[Request] = []
         self.waiting: collections.deque[Request] = collections.deque()
@@ -164,6 +211,7 @@ class Engine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self.decode_steps = 0  # forwards of the main model over running rows (prefill chunks not counted)
 
     # --- the caller's side (any thread) ---
 
@@ -180,6 +228,8 @@ class Engine:
                               param="logit_bias")  # fmt: skip
         if params.max_tokens < 1:
             raise EngineError(f"max_tokens must be at least 1, got {params.max_tokens}", param="max_tokens")
+        if params.stop and self.tokenizer is None:
+            raise EngineError("stop strings need a tokenizer; this engine has none", param="stop")
         if len(prompt) + params.max_tokens > self.context:
             raise EngineError(
                 f"This model's maximum context length is {self.context} tokens. However, you requested "
@@ -234,6 +284,22 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
 
+    def bucket(self, rows: int) -> int:
+        """The padded batch a compiled step runs for `rows` rows: the next power of two, at most max_batch."""
+        return min(1 << max(rows - 1, 0).bit_length(), self.max_batch)
+
+    @torch.inference_mode()
+    def warm_up(self) -> list[int]:
+        """Compile every bucket's decode step (or speculation round), greedy and sampling, now rather
+        than at a request's first use, with padding rows only. Returns the bucket sizes."""
+        sizes = sorted({self.bucket(n) for n in range(1, self.max_batch + 1)})
+        for size in sizes:
+            for sampled in (False, True):
+                params = [SamplingParams(do_sample=sampled)] * size
+                settings = RowSettings.of(params, [0] * size, self.model.config.vocab_size, self.model.device)
+                self._forward([], settings, size)
+        return sizes
+
     # --- the engine thread ---
 
     def _loop(self) -> None:
@@ -255,8 +321,8 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """One turn of the loop (see the module docstring). Public so tests can drive the engine
-        without its thread."""
+        """One turn of the loop (see the module docstring). Public so clients and tests can drive the
+        engine without its thread."""
         with self._lock:
             self.waiting.extend(self._inbox)
             self._inbox.clear()
@@ -269,15 +335,19 @@ class Engine:
         self._release()
         if not self.prefilling:
             self._admit()
-        if self.prefilling:
-            self._prefill()
-        if self.running:
-            self._decode()
-            self._release()
+        first = self._prefill() if self.prefilling else None  # (tokens [g], logits [g, V]) when done
+        decoded = self._decode() if self.running else None  # (tokens [R, n], accepted [R] | None, logits)
+        parts = [t.flatten() for t in (first[0] if first else None, decoded[0] if decoded else None) if t is not None]
+        values = torch.cat(parts).tolist() if parts else []  # the step's one host read
+        if decoded is not None:
+            self._deliver_decoded(values[len(values) - decoded[0].numel() :], decoded)
+        if first is not None:
+            group, self.prefilling = self.prefilling, []
+            for b, request in enumerate(group):
+                self._deliver(request, [describe(first[1][b], values[b], request.params.logprobs)], prompt=True)
+            self.running.extend(group)
+        self._release()
         self.steps += 1
-        self._report()
-
-    def _report(self) -> None:
         if self.metrics is not None:
             self.metrics.update_load(len(self.running) + len(self.prefilling), len(self.waiting) + len(self._inbox))
 
@@ -290,6 +360,10 @@ class Engine:
                 self.cache.move(request.slot, slot)
                 if self.mtp_cache is not None:
                     self.mtp_cache.move(request.slot, slot)
+                    for tensor in self.pending:
+                        tensor[slot] = tensor[request.slot]
+                if self.penalties is not None:
+                    self.penalties.move(request.slot, slot)
                 request.slot = slot
         self.running, self.prefilling = alive, filling
 
@@ -302,91 +376,133 @@ class Engine:
                 longest = max([len(r.prompt) for r in group] + [len(candidate.prompt)])
                 if group and longest * (len(group) + 1) > self.prefill_chunk:
                     break  # a long prompt waits for its own turn, prefilled alone in chunks
-                request = self.waiting.popleft()
-                try:
-                    self._prepare(request)
-                except Exception:  # a request that cannot start ends alone (a seed torch refuses, say)
-                    self._end(request, "error", error=traceback.format_exc(limit=2))
-                    continue
-                group.append(request)
+                group.append(self.waiting.popleft())
         for offset, request in enumerate(group):
             request.slot = len(self.running) + offset
+            params = request.params
+            request.seed = random.getrandbits(62) if params.seed is None else params.seed
+            request.text = None if self.tokenizer is None else TextStream(self.tokenizer.decode, params.stop)
             self.cache.lengths[request.slot] = 0
             if self.mtp_cache is not None:
                 self.mtp_cache.lengths[request.slot] = 0
+            if self.penalties is None and params.penalties.active:
+                vocab = self.model.config.vocab_size
+                self.penalties = PenaltyTable(self.max_batch, vocab, self.model.device)
+            if self.penalties is not None:
+                self.penalties.admit(request.slot, params.penalties, request.prompt)
         self.prefilling = group
 
-    def _prepare(self, request: Request) -> None:
-        params = request.params
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
-        request.sampling = RowSampling(params.sampling, generator, params.logprobs)
-        if params.penalties.active:
-            vocab = self.model.config.vocab_size
-            request.sampling.penalties = PenaltyState(params.penalties, request.prompt, vocab, self.model.device)
-        request.text = TextStream(self.tokenizer.decode, params.stop)
+    def _row_settings(self, rows: list[Request], size: int) -> RowSettings:
+        """The rows' sampling settings padded to `size`, rebuilt only when the rows change."""
+        key = (tuple(r.id for r in rows), size)
+        if self._settings is None or self._settings[0] != key:
+            params, seeds = [r.params.sampling for r in rows], [r.seed for r in rows]
+            vocab, device = self.model.config.vocab_size, self.model.device
+            self._settings = key, RowSettings.of(params, seeds, vocab, device, size)
+        return self._settings[1]
 
-    def _prefill(self) -> None:
+    def _prefill(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         group, first = self.prefilling, len(self.running)
         share = max(1, self.prefill_chunk // len(group))
         pieces = [r.prompt[r.done_prompt : r.done_prompt + share] for r in group]
-        ids, counts = batch.right_padded(pieces, self.model.device)
-        normed = batch.forward_rows(self.model, self.cache, first, ids)  # [g, T, H]
+        ids, counts = right_padded(pieces, self.model.device)
+        normed = steps.forward_rows(self.model, self.cache.rows(first, len(group), ids.shape[1]), ids)  # [g, T, H]
         if self.mtp_cache is not None:
-            self._prefill_mtp(group, first, ids, normed, counts)
-        batch.advance(self.cache, first, counts)
+            self._prefill_mtp(group, first, normed, counts)
+        self.cache.advance(first, counts)
         for b, request in enumerate(group):
             if request.params.prompt_logprobs is not None:
-                request.prompt_logits.append(lm_logits(self.model, normed[b, : counts[b]]))
+                request.prompt_logits.append(steps.lm_logits(self.model, normed[b, : counts[b]]))
             request.done_prompt += counts[b]
         if any(r.done_prompt < len(r.prompt) for r in group):
-            return
-        last = normed[torch.arange(len(group)), torch.tensor(counts) - 1]  # [g, H]
-        choices = batch.choose(lm_logits(self.model, last), [r.sampling for r in group])
-        for b, (request, choice) in enumerate(zip(group, choices)):
-            if self.mtp_cache is not None:
-                request.pending = Pending(normed[b, counts[b] - 1 : counts[b]], [choice.token])
-            self._deliver(request, [choice], prompt=True)
-        self.running.extend(group)
-        self.prefilling = []
+            return None
+        device = self.model.device
+        last = normed[torch.arange(len(group), device=device), torch.tensor(counts, device=device) - 1]  # [g, H]
+        logits = steps.lm_logits(self.model, last)[:, None]  # [g, 1, V]
+        positions = torch.tensor([[len(r.prompt)] for r in group], device=device)
+        settings = RowSettings.of([r.params.sampling for r in group], [r.seed for r in group],
+                                  self.model.config.vocab_size, device)  # fmt: skip
+        adjusted = logits if self.penalties is None else self.penalties.rows(first, len(group)).apply(logits)
+        tokens = choose(adjusted, settings, positions)[:, 0]
+        if self.penalties is not None:
+            self.penalties.record(first, tokens[:, None])
+        if self.pending is not None:  # the prompt's last pair waits for this token: the first round's pair
+            rows = slice(first, first + len(group))
+            self.pending.next_ids[rows, 0], self.pending.hidden[rows, 0] = tokens, last
+            self.pending.count[rows] = 1
+        return tokens, logits[:, 0]
 
-    def _prefill_mtp(
-        self, group: list[Request], first: int, ids: torch.Tensor, normed: torch.Tensor, counts: list[int]
-    ) -> None:
+    def _prefill_mtp(self, group: list[Request], first: int, normed: torch.Tensor, counts: list[int]) -> None:
         """The MTP layer over this chunk's (h_i, t_{i+1}) pairs whose next token is a prompt token; the
-        prompt's last pair waits for the first generated token (it is the first round's pending pair)."""
+        prompt's last pair waits for the first generated token."""
         pairs = []
         for b, request in enumerate(group):
             start, end = request.done_prompt, request.done_prompt + counts[b]
             pairs.append(request.prompt[start + 1 : min(end + 1, len(request.prompt))])
         if not any(pairs):
             return
-        next_ids, pair_counts = batch.right_padded([p or [0] for p in pairs], self.model.device)
-        batch.mtp_rows(self.model, self.mtp_cache, first, next_ids, normed[:, : next_ids.shape[1]])
-        batch.advance(self.mtp_cache, first, [len(p) for p in pairs])
+        next_ids, _ = right_padded([p or [0] for p in pairs], self.model.device)
+        rows = self.mtp_cache.rows(first, len(group), next_ids.shape[1])
+        steps.mtp_rows(self.model, rows, next_ids, normed[:, : next_ids.shape[1]])
+        self.mtp_cache.advance(first, [len(p) for p in pairs])
 
-    def _decode(self) -> None:
+    def _decode(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         rows = self.running
-        if self.mtp_cache is not None:
-            chunks, accepted, pending = batch.speculation_round(
-                self.model, self.cache, self.mtp_cache, [r.pending for r in rows], [r.sampling for r in rows], self.k
-            )
-            for request, chunk, hits, nxt in zip(rows, chunks, accepted, pending):
-                request.pending = nxt
-                if self.metrics is not None:
-                    self.metrics.speculation(self.k, hits)
-                self._deliver(request, chunk)
-            return
-        if self.compiled is not None:
-            logits = self.compiled.decode([r.output[-1] for r in rows])  # [R, V]
-        else:
-            last = torch.tensor([[r.output[-1]] for r in rows], device=self.model.device)  # [R, 1]
-            logits = lm_logits(self.model, batch.forward_rows(self.model, self.cache, 0, last)[:, 0])
-        batch.advance(self.cache, 0, [1] * len(rows))
-        choices = batch.choose(logits, [r.sampling for r in rows])
-        for request, choice in zip(rows, choices):
-            self._deliver(request, [choice])
+        size = self.bucket(len(rows)) if self.compiled is not None else len(rows)
+        out = self._forward(rows, self._row_settings(rows, size), size)
+        self.decode_steps += 1
+        return out
+
+    def _forward(self, rows: list[Request], settings: RowSettings, size: int) -> tuple:
+        """The decode step or speculation round over running rows 0 .. R - 1, padded to `size` rows ->
+        (tokens [R, n], accepted [R] or None, the model's logits [R, n, V]); lengths advanced."""
+        R, device, k = len(rows), self.model.device, self.k
+        compiled = self.compiled
+        lengths = self.cache.lengths[:R] + [self.pad_length] * (size - R)
+        adjustment = None if self.penalties is None else self.penalties.rows(0, size)
+        if not self.speculative:
+            last = [r.output[-1] for r in rows] + [0] * (size - R)
+            tokens = torch.tensor(last, device=device)[:, None]
+            positions = torch.tensor(lengths, device=device)[:, None]
+            width = self.cache.max_tokens if compiled else max(lengths) + 1
+            step = compiled.decode if compiled else partial(steps.decode_step, self.model)
+            chosen, logits = step(self.cache.tensors, tokens, positions, width, settings, adjustment)
+            chosen, logits = chosen[:R, None], logits[:R, None]
+            if self.penalties is not None and R:
+                self.penalties.record(0, chosen)
+            self.cache.advance(0, [1] * R)
+            return chosen, None, logits
+        mtp_lengths = self.mtp_cache.lengths[:R] + [self.pad_length] * (size - R)
+        widths = (self.cache.max_tokens,) * 2 if compiled else (max(lengths) + k + 1, max(mtp_lengths) + 2 * k)
+        pending = steps.Pending(*(t[:size] for t in self.pending))
+        step = compiled.round if compiled else partial(steps.speculation_round, self.model)
+        result = step(self.cache.tensors, self.mtp_cache.tensors, pending, torch.tensor(lengths, device=device),
+                      torch.tensor(mtp_lengths, device=device), widths, settings, adjustment, k)  # fmt: skip
+        for mine, new in zip(self.pending, result.pending):
+            mine[:R] = new[:R]
+        if self.penalties is not None and R:
+            kept = torch.arange(k + 1, device=device) <= result.accepted[:R, None]
+            self.penalties.record(0, result.tokens[:R], kept)
+        return torch.cat((result.accepted[:R, None], result.tokens[:R]), dim=1), result.accepted, result.logits[:R]
+
+    def _deliver_decoded(self, values: list[int], decoded: tuple) -> None:
+        """Hand each running row its new tokens from the step's host copy `values`."""
+        rows, logits = self.running, decoded[2]
+        width = len(values) // max(len(rows), 1)
+        for b, request in enumerate(rows):
+            row = values[b * width : (b + 1) * width]
+            if not self.speculative:
+                self._deliver(request, [describe(logits[b, 0], row[0], request.params.logprobs)])
+                continue
+            accepted, tokens = row[0], row[1 : row[0] + 2]
+            self.cache.lengths[b] += 1 + accepted  # t_m and the accepted drafts
+            self.mtp_cache.lengths[b] += request.pending_pairs  # this round's pairs are true entries now
+            request.pending_pairs = accepted + 1
+            request.drafted, request.accepted = request.drafted + self.k, request.accepted + accepted
+            if self.metrics is not None:
+                self.metrics.speculation(self.k, accepted)
+            top = request.params.logprobs
+            self._deliver(request, [describe(logits[b, j], t, top) for j, t in enumerate(tokens)])
 
     def _deliver(self, request: Request, choices: list[Choice], prompt: bool = False) -> None:
         """Hand a row's new tokens to its client, cut at the first end-of-sequence token, max_tokens or
@@ -395,23 +511,24 @@ class Engine:
             return
         try:
             params, kept, reason = request.params, [], None
+            stop_ids = self.eos if params.stop_token_ids is None else params.stop_token_ids
+            ends = set() if params.ignore_eos else set(stop_ids)
             for choice in choices:
                 kept.append(choice)
-                if not params.ignore_eos and choice.token in self.eos:
+                if choice.token in ends:
                     reason = "stop"
                     break
                 if len(request.output) + len(kept) >= params.max_tokens:
                     reason = "length"
                     break
-            tokens = [c.token for c in kept if params.ignore_eos or c.token not in self.eos]
             request.output.extend(c.token for c in kept)
-            if request.sampling.penalties is not None:
-                request.sampling.penalties.record([c.token for c in kept])
-            text = request.text.push(tokens)
-            if request.text.stopped:
-                reason = "stop"
-            if reason is not None:
-                text += request.text.finish()
+            text = ""
+            if request.text is not None:
+                text = request.text.push([c.token for c in kept if c.token not in ends])
+                if request.text.stopped:
+                    reason = "stop"
+                if reason is not None:
+                    text += request.text.finish()
             now = time.perf_counter()
             out = Output(
                 text, [c.token for c in kept], kept if params.logprobs is not None else [], finish_reason=reason
@@ -421,18 +538,16 @@ class Engine:
                 if self.metrics is not None:
                     self.metrics.first_token(now - request.submitted)
                 if params.prompt_logprobs is not None:
-                    out.prompt_logprobs = self._prompt_logprobs(request)
+                    logits = torch.cat(request.prompt_logits)  # [P, V]
+                    request.prompt_logits = []
+                    out.prompt_logprobs = [describe(logits[i], t, params.prompt_logprobs)
+                                           for i, t in enumerate(request.prompt[1:])]  # fmt: skip
             if self.metrics is not None:
                 self.metrics.tokens(len(kept))
             request.finish_reason = reason
             self._send(request, out)
         except Exception:
             self._end(request, "error", error=traceback.format_exc(limit=3))
-
-    def _prompt_logprobs(self, request: Request) -> list[Choice]:
-        logits = torch.cat(request.prompt_logits)  # [P, V]
-        request.prompt_logits = []
-        return batch.prompt_logprobs(logits[:-1], request.prompt[1:], request.params.prompt_logprobs)
 
     def _end(self, request: Request, reason: str, error: str | None = None) -> None:
         if request.finish_reason is not None:

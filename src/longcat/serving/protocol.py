@@ -12,9 +12,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..inference.penalties import Penalties
 from ..inference.sampling import SamplingParams
 from .engine import RequestParams
-from .penalties import Penalties
 
 
 class RequestError(ValueError):

@@ -92,8 +92,9 @@ def build_state(options: ServeOptions) -> ServerState:
     )  # fmt: skip
     if engine.compiled is not None:  # before the port opens: no request waits for a compilation
         started = time.monotonic()
-        sizes = engine.compiled.warm_up()
-        log.warning("compiled decode steps for batches of %s in %.0f s", sizes, time.monotonic() - started)
+        sizes = engine.warm_up()
+        what = "speculation rounds" if engine.speculative else "decode steps"
+        log.warning("compiled %s for batches of %s in %.0f s", what, sizes, time.monotonic() - started)
     name = options.served_model_name or options.checkpoint
     return ServerState(engine, tokenizer, name, metrics, os.environ.get("LONGCAT_API_KEY") or None)
 
