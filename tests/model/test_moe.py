@@ -114,6 +114,20 @@ def test_decode_paths_match_loop(path: str, tokens: int) -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)
 
 
+def test_decode_thresholds_are_per_device_type() -> None:
+    """A 64-row decode bucket runs every expert on CUDA (weight-read bound there) but not on the CPU;
+    an accelerator without its own entry takes CUDA's; a few slots gather on either."""
+    experts = _moe(4, n_routed_experts=24, zero_expert_num=3, moe_topk=4).experts
+    cuda, cpu, xpu = torch.device("cuda"), torch.device("cpu"), torch.device("xpu")
+    assert experts._small_path(64, 4, cuda, compiled_decode=True) == "static: all experts"
+    assert experts._small_path(64, 4, xpu, compiled_decode=False) == "static: all experts"
+    assert experts._small_path(64, 4, cpu, compiled_decode=False) is None
+    assert experts._small_path(64, 4, cpu, compiled_decode=True) == "static: gathered weights"
+    assert experts._small_path(300, 4, cuda, compiled_decode=True) is None  # the sorted static dispatch
+    assert experts._small_path(1, 4, cpu, compiled_decode=False) == "static: gathered weights"  # 3 T K < N
+    assert experts._small_path(1, 4, cuda, compiled_decode=False) == "static: gathered weights"
+
+
 def test_aligned_sizes_take_the_grouped_gemm() -> None:
     from longcat.model.moe import grouped_how, grouped_mm_available
 

@@ -258,13 +258,13 @@ class Experts(nn.Module):
         # under autocast the residual stream and the master weights stay fp32, and the grouped GEMM is on
         # no autocast list: cast the input and each stacked weight once here, as torchtitan's experts do
         compute = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        # thresholds: see tuning.py; compiled inference (decoding) always takes the sort-free static paths,
-        # compiled training the sorted one (gathering A expert weight sets would not fit)
-        if not fixed_path and (T * K <= tuning.GATHER_SLOTS or (torch.compiler.is_compiling() and not self.training)):
-            if 3 * T * K >= N and T <= tuning.ALL_EXPERTS_TOKENS:
-                self._record("static: all experts", compute)
+        # thresholds per device type: see tuning.py (compiled training takes the sorted dispatch: gathering
+        # A expert weight sets would not fit)
+        small = self._small_path(T, K, x.device, torch.compiler.is_compiling() and not self.training)
+        if not fixed_path and small is not None:
+            self._record(small, compute)
+            if small == "static: all experts":
                 return self.forward_all_experts(x, indices, weights)
-            self._record("static: gathered weights", compute)
             return self.forward_gathered(x, indices, weights)
         if static_shapes is None:
             static_shapes = accelerator_path(x.device)
@@ -297,6 +297,16 @@ class Experts(nn.Module):
             y = torch.where(valid, y, 0)
         return _scatter_add_rows(y, token, T).to(x.dtype)
 
+    def _small_path(self, tokens: int, top_k: int, device: torch.device, compiled_decode: bool) -> str | None:
+        """The static few-token path a call takes (tuning.py), or None for the sorted dispatch."""
+        slots = tokens * top_k
+        if tokens <= tuning.for_device(tuning.ALL_EXPERTS_TOKENS, device) and 3 * slots >= self.num_experts:
+            return "static: all experts"
+        gathers = compiled_decode and tuning.for_device(tuning.COMPILED_DECODE_GATHERS, device)
+        if slots <= tuning.for_device(tuning.GATHER_SLOTS, device) or gathers:
+            return "static: gathered weights"
+        return None
+
     def _record(self, path: str, dtype: torch.dtype) -> None:
         """last_path: what the last call ran, in words (training writes it to environment.json)."""
         if not torch.compiler.is_compiling():
@@ -306,8 +316,8 @@ class Experts(nn.Module):
         """Which of `forward`'s paths a call with this many tokens takes outside torch.compile, in words,
         predicted before any call (`last_path` says what a call ran). The paths round differently, so
         training records it (training/determinism.py)."""
-        if tokens * top_k <= tuning.GATHER_SLOTS:
-            small = "static: all experts" if tokens <= tuning.ALL_EXPERTS_TOKENS else "static: gathered weights"
+        small = self._small_path(tokens, top_k, device, compiled_decode=False)
+        if small is not None:
             return _path_name(small, dtype)
         static = accelerator_path(device)
         why = None
