@@ -86,8 +86,9 @@ class ServerProcess:
 
     def __init__(self, command: list[str], port: int, env: dict | None = None, startup_s: float = 180) -> None:
         self.port, self.log = port, tempfile.TemporaryFile()  # noqa: SIM115 - open while the server runs
+        started = time.monotonic()
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + startup_s
+        deadline = started + startup_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{command[:4]} exited with {self.process.returncode}: {self.output()[-2000:]}")
@@ -95,6 +96,7 @@ class ServerProcess:
                 connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
                 connection.request("GET", "/health")
                 if connection.getresponse().status == 200:
+                    self.ready_s = time.monotonic() - started  # process start to a healthy server
                     return
             except OSError:
                 pass
@@ -230,7 +232,9 @@ def transformers_copy(checkpoint: Path, out: Path) -> Path:
 
 def run(checkpoint: str, max_tokens: int = 64, requests_per_client: int = 2, speculative: bool = False,
         levels: tuple[int, ...] = LEVELS, anchor: bool = True, timeout: float = 600,
-        compile: bool = False) -> dict:  # fmt: skip
+        compile: bool = False, device: str = "cpu", dtype: str = "auto") -> dict:  # fmt: skip
+    """device and dtype: where and in what our server holds the weights (the anchors serve on the CPU
+    as the checkpoint stores them, so compare against them only on the CPU)."""
     from ..inference.chat import CheckpointTokenizer
 
     root = Path(checkpoint)
@@ -240,13 +244,14 @@ def run(checkpoint: str, max_tokens: int = 64, requests_per_client: int = 2, spe
     threads = os.cpu_count() or 1
     result: dict = {"machine": machine(), "checkpoint": str(root), "max_tokens": max_tokens,
                     "requests_per_client": requests_per_client, "speculative": speculative,
-                    "compile": compile}  # fmt: skip
+                    "compile": compile, "device": device, "dtype": dtype}  # fmt: skip
 
     port = free_port()
     command = [sys.executable, "-m", "longcat", "serve", str(root), "--port", str(port), "--served-model-name",
                "bench", "--max-batch", str(max(levels))] + (["--speculative"] if speculative else [])  # fmt: skip
-    command += ["--compile"] if compile else []
+    command += (["--compile"] if compile else []) + ["--device", device, "--dtype", dtype]
     server = ServerProcess(command, port, _env(threads), startup_s=900 if compile else 180)  # compiles first
+    result["longcat_ready_s"] = server.ready_s  # loading, and with --compile compiling every bucket
     try:
 
         def ours(i: int) -> dict:
@@ -322,11 +327,14 @@ def transformers_anchors(root: Path, eos: int, max_tokens: int, requests_per_cli
 def report(result: dict) -> str:
     lines = [f"serving benchmark: {result['checkpoint']} ({result['max_tokens']} output tokens a request, "
              f"{result['requests_per_client']} requests a client; {result['machine']['cpu']})"]  # fmt: skip
+    lines.append(f"longcat serve on {result.get('device', 'cpu')} ({result.get('dtype', 'auto')}) answered /health "
+                 f"{result.get('longcat_ready_s', float('nan')):.1f} s after it started")  # fmt: skip
     header = (
         f"{'server':44} {'clients':>7} {'tok/s':>8} {'TTFT p50':>9} {'p99':>8} {'TPOT p50':>9} {'p99':>8} {'failed':>6}"
     )
     lines.append(header)
     flags = (" --speculative" if result["speculative"] else "") + (" --compile" if result.get("compile") else "")
+    flags += f" --device {result['device']}" if result.get("device", "cpu") != "cpu" else ""
     rows = [("longcat serve" + flags, result["longcat"])]
     for name, anchor in result.get("anchors", {}).items():
         if "levels" in anchor:

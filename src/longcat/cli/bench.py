@@ -27,9 +27,9 @@ def _model_overrides(assignments: list[str]) -> dict:
 def run(args: argparse.Namespace) -> int:
     from ..config import ConfigError
 
-    if args.name in ("ep", "serve") and (args.device != "cpu" or args.dtype != "float32" or args.set):
-        raise ConfigError(f"bench {args.name} runs on the CPU in fp32 with its own flags: --device, --dtype and "
-                          "--set apply to bench train, moe and decode")  # fmt: skip
+    if args.name == "ep" and (args.device != "cpu" or args.dtype != "float32" or args.set):
+        raise ConfigError("bench ep runs on the CPU in fp32 with its own flags: --device, --dtype and --set apply "
+                          "to bench train, moe and decode (--device and --dtype to serve too)")  # fmt: skip
     if args.name == "moe":
         import torch
 
@@ -66,8 +66,12 @@ def run(args: argparse.Namespace) -> int:
 
         if not args.checkpoint:
             raise GenerationError("bench serve needs --checkpoint DIR (a trained checkpoint with its tokenizer)")
+        if args.set:
+            raise ConfigError("bench serve serves --checkpoint as it is; --set applies to train, moe and decode")
+        levels = tuple(args.batch) if args.batch else serve.LEVELS
         result = serve.run(args.checkpoint, max_tokens=args.max_tokens, requests_per_client=args.requests,
-                           speculative=args.speculative, anchor=not args.no_anchor, compile=args.compile)  # fmt: skip
+                           speculative=args.speculative, anchor=not args.no_anchor, compile=args.compile,
+                           levels=levels, device=args.device, dtype=args.dtype)  # fmt: skip
         print(json.dumps(result, indent=2) if args.json else serve.report(result))
         return 0 if result["requests_failed"] == 0 else 1
     if args.name == "decode":
@@ -105,10 +109,10 @@ def add_parser(sub) -> None:  # noqa: ANN001 - argparse's subparsers action
     bench.add_argument("--seq-len", type=int, default=256)
     bench.add_argument("--rounds", type=int, default=10, help="timed rounds (the median is reported)")
     bench.add_argument("--data", help="train: a prepared data directory (default: the embedded corpus)")
-    bench.add_argument("--device", default="cpu", help="train, moe, decode: cpu or cuda (cuda:N)")
+    bench.add_argument("--device", default="cpu", help="train, moe, decode, serve: cpu or cuda (cuda:N)")
     bench.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16"],
-        help="train: bfloat16 is the bf16 autocast recipe (fp32 master weights); moe, decode: the weights' dtype",
+        help="train: bfloat16 is the bf16 autocast recipe (fp32 master weights); moe, decode, serve: weights' dtype",
     )  # fmt: skip
     bench.add_argument(
         "--set", action="append", metavar="KEY=VALUE",

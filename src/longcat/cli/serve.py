@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name or args.checkpoint, max_batch=args.max_batch,
         max_queue=args.max_queue, speculative=args.speculative, num_draft_tokens=args.draft_tokens or 1,
         prefill_chunk=args.prefill_chunk, max_model_len=args.max_model_len, compile=args.compile,
-        shutdown_timeout=args.shutdown_timeout, dtype=args.dtype,
+        shutdown_timeout=args.shutdown_timeout, dtype=args.dtype, device=args.device,
         log_level=args.log_level,
     )  # fmt: skip
     from ..serving.engine import EngineError
@@ -69,5 +69,6 @@ def add_parser(sub) -> None:  # noqa: ANN001 - argparse's subparsers action
         help="on SIGTERM, seconds running requests may take to finish before they are aborted",
     )
     srv.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16")
+    srv.add_argument("--device", default=None, help="where the weights and the cache live: cpu (default), cuda, cuda:N")
     srv.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     srv.set_defaults(func=run)
