@@ -226,3 +226,30 @@ def test_compiled_decode_steps_equal_eager(model) -> None:
         tokens, _, _ = _serve(engine, prompts, params, arrive=[0, 2, 3])
         for i, prompt in enumerate(prompts):
             assert tokens[i] == _reference(model, prompt, lengths[i]), (speculative, i)
+
+
+def test_a_request_being_admitted_is_counted_as_active(model) -> None:
+    """The drain waits while `active` > 0: a request moving from the queue to the prefill is counted
+    at every moment. The engine is held inside admission (its tokenizer is asked for `decode` there)."""
+    import threading
+
+    class HeldTokens(IdTokens):
+        inside, go = threading.Event(), threading.Event()
+
+        def __getattribute__(self, name: str):  # noqa: ANN204
+            if name == "decode":
+                HeldTokens.inside.set()
+                assert HeldTokens.go.wait(30)
+            return super().__getattribute__(name)
+
+    engine = Engine(model, HeldTokens())
+    engine.submit([1, 2, 3], RequestParams(max_tokens=2, ignore_eos=True), lambda out: None)
+    stepping = threading.Thread(target=engine.step)
+    stepping.start()
+    assert HeldTokens.inside.wait(30)
+    try:
+        assert engine.active == 1 and engine.prefilling and not engine.waiting
+    finally:
+        HeldTokens.go.set()
+        stepping.join(30)
+    assert engine.active == 1 and len(engine.running) == 1

@@ -15,6 +15,7 @@ def run(args: argparse.Namespace) -> int:
     from ..inference.chat import CheckpointTokenizer
     from ..inference.generate import GenerationStats
     from ..model.lm import LongcatForCausalLM
+    from ..serving.detokenize import TextStream
 
     if args.system is not None and not args.chat:
         raise GenerationError("--system only applies with --chat; add --chat or drop --system")
@@ -44,18 +45,14 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     start = time.perf_counter()
     new: list[int] = []
-    shown = ""
+    text = TextStream(tokenizer.decode)  # the server's incremental detokenizer: a window, not the whole output
     for chunk in model.stream_generate([ids], **kwargs):
         new.extend(chunk[0].tolist())
         if args.stream:
-            decoded = tokenizer.decode(new)
-            if not decoded.endswith("\ufffd"):  # wait for the rest of a split multi-byte character
-                sys.stdout.write(decoded[len(shown) :])
-                sys.stdout.flush()
-                shown = decoded
+            sys.stdout.write(text.push(chunk[0].tolist()))
+            sys.stdout.flush()
     elapsed = time.perf_counter() - start
-    decoded = tokenizer.decode(new)
-    print(decoded[len(shown) :] if args.stream else decoded)
+    print(text.finish() if args.stream else tokenizer.decode(new))
     if args.stats:
         rate = stats.new_tokens / max(elapsed, 1e-9)
         line = f"{stats.prompt_tokens} prompt tokens; {stats.new_tokens} tokens in {elapsed:.2f}s ({rate:.1f} tokens/s)"

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import functools
 import json
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -42,8 +43,8 @@ class Gate:
         if scope["type"] == "http" and scope["path"].startswith("/v1"):
             refusal = None
             if self.state.api_key is not None:
-                given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-                if given != f"Bearer {self.state.api_key}":
+                given = dict(scope["headers"]).get(b"authorization", b"")
+                if not secrets.compare_digest(given, f"Bearer {self.state.api_key}".encode("latin-1")):
                     refusal = error_response(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
                                              code="invalid_api_key")  # fmt: skip
             if refusal is None and self.state.draining:
@@ -209,11 +210,15 @@ def create_app(state: ServerState) -> FastAPI:
         check_model(state, body.model)
         messages = [m.for_template(i) for i, m in enumerate(body.messages)]
         tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
-        try:
-            text = state.tokenizer.chat(messages, tools, body.tool_choice or "auto")
-        except GenerationError as err:
-            raise RequestError(str(err), param="messages") from err
-        prompt = state.tokenizer.encode(text)
+
+        def render() -> list[int]:  # off the event loop: a long conversation would stall every stream
+            try:
+                text = state.tokenizer.chat(messages, tools, body.tool_choice or "auto")
+            except GenerationError as err:
+                raise RequestError(str(err), param="messages") from err
+            return state.tokenizer.encode(text)
+
+        prompt = await asyncio.to_thread(render)
         params = body.engine_params(body.limit(), len(prompt), state.engine.context)
         if body.logprobs:
             params.logprobs = body.top_logprobs or 0
@@ -226,7 +231,8 @@ def create_app(state: ServerState) -> FastAPI:
     async def completions(body: CompletionRequest, client: Request) -> Response:
         body.check()
         check_model(state, body.model)
-        prompts = [p if isinstance(p, list) else state.tokenizer.encode(p) for p in body.prompts()]
+        encode = lambda: [p if isinstance(p, list) else state.tokenizer.encode(p) for p in body.prompts()]  # noqa: E731
+        prompts = await asyncio.to_thread(encode)
         if body.stream and len(prompts) > 1:
             raise RequestError("stream = true takes one prompt per request", param="prompt")
         items = []

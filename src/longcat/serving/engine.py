@@ -28,6 +28,7 @@ as alone except where two candidates tie to within rounding. tests/serving/test_
 from __future__ import annotations
 
 import collections
+import logging
 import random
 import threading
 import time
@@ -44,6 +45,8 @@ from ..inference.penalties import Penalties, PenaltyTable
 from ..inference.sampling import RowSettings, SamplingParams, choose
 from ..model.lm import LongcatForCausalLM
 from .detokenize import TextStream
+
+log = logging.getLogger("longcat.serve")
 
 
 class EngineError(ValueError):
@@ -342,10 +345,10 @@ class Engine:
         if decoded is not None:
             self._deliver_decoded(values[len(values) - decoded[0].numel() :], decoded)
         if first is not None:
-            group, self.prefilling = self.prefilling, []
-            for b, request in enumerate(group):
+            for b, request in enumerate(self.prefilling):
                 self._deliver(request, [describe(first[1][b], values[b], request.params.logprobs)], prompt=True)
-            self.running.extend(group)
+            with self._lock:  # one move, so `active` never misses the group
+                self.running, self.prefilling = self.running + self.prefilling, []
         self._release()
         self.steps += 1
         if self.metrics is not None:
@@ -365,18 +368,20 @@ class Engine:
                 if self.penalties is not None:
                     self.penalties.move(request.slot, slot)
                 request.slot = slot
-        self.running, self.prefilling = alive, filling
+        with self._lock:
+            self.running, self.prefilling = alive, filling
 
     def _admit(self) -> None:
         free = self.max_batch - len(self.running)
         group: list[Request] = []
-        with self._lock:
+        with self._lock:  # from the queue to the prefill in one move, so `active` counts it throughout
             while self.waiting and len(group) < free:
                 candidate = self.waiting[0]
                 longest = max([len(r.prompt) for r in group] + [len(candidate.prompt)])
                 if group and longest * (len(group) + 1) > self.prefill_chunk:
                     break  # a long prompt waits for its own turn, prefilled alone in chunks
                 group.append(self.waiting.popleft())
+            self.prefilling = group
         for offset, request in enumerate(group):
             request.slot = len(self.running) + offset
             params = request.params
@@ -390,7 +395,6 @@ class Engine:
                 self.penalties = PenaltyTable(self.max_batch, vocab, self.model.device)
             if self.penalties is not None:
                 self.penalties.admit(request.slot, params.penalties, request.prompt)
-        self.prefilling = group
 
     def _row_settings(self, rows: list[Request], size: int) -> RowSettings:
         """The rows' sampling settings padded to `size`, rebuilt only when the rows change."""
@@ -563,4 +567,5 @@ class Engine:
         try:
             request.sink(out)
         except Exception:  # a consumer that fails must not stop the engine
+            log.warning("request %d: its output sink failed; the request is cancelled", request.id, exc_info=True)
             request.cancelled = True

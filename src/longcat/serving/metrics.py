@@ -20,7 +20,8 @@ class Metrics:
         self.slots_used = Gauge("longcat_kv_slots_used", "KV-cache slots in use", registry=registry)
         self.slots_total = Gauge("longcat_kv_slots_total", "KV-cache slots (--max-batch)", registry=registry)
         self.generated = Counter("longcat_generation_tokens", "Output tokens generated", registry=registry)
-        self.prompt = Counter("longcat_prompt_tokens", "Prompt tokens prefilled", registry=registry)
+        self.prompt = Counter("longcat_prompt_tokens", "Prompt tokens of requests that received a first token",
+                              registry=registry)  # fmt: skip
         self.requests = Counter(
             "longcat_requests_finished", "Requests ended, by finish reason", ["finish_reason"], registry=registry
         )
@@ -59,7 +60,8 @@ class Metrics:
 
     def finished(self, request, reason: str) -> None:  # noqa: ANN001 - engine.Request
         self.requests.labels(finish_reason=reason).inc()
-        self.prompt.inc(len(request.prompt))
+        if request.first_token_at is not None:  # a request aborted in the queue prefilled nothing
+            self.prompt.inc(len(request.prompt))
         if request.first_token_at is not None and len(request.output) > 1:
             self.tpot.observe((time.perf_counter() - request.first_token_at) / (len(request.output) - 1))
 
