@@ -253,3 +253,40 @@ def test_a_request_being_admitted_is_counted_as_active(model) -> None:
         HeldTokens.go.set()
         stepping.join(30)
     assert engine.active == 1 and len(engine.running) == 1
+
+
+@pytest.mark.parametrize("where", ["prefill", "decode"])
+def test_a_failure_ends_only_its_request(model, monkeypatch, caplog, where) -> None:
+    """A fault injected into one request's prefill chunk, or into every decode step that contains its
+    row (the step is retried on halves of its rows, then alone): that request ends with an error the
+    server's log names; the others give the tokens they give without the fault."""
+    import logging
+
+    from longcat.inference import steps
+
+    vocab = model.config.vocab_size
+    prompts = [p[:8] for p in _prompts(vocab, 4, seed=9)]
+    prompts[2] = [vocab - 1, *prompts[2]] if where == "prefill" else [3] * 37
+    references = {i: _reference(model, p, 12) for i, p in enumerate(prompts) if i != 2}
+    real_forward, real_decode = steps.forward_rows, steps.decode_step
+
+    def forward_rows(model, rows, ids):  # noqa: ANN001, ANN202
+        if where == "prefill" and ids.shape[1] > 1 and bool((ids == vocab - 1).any()):
+            raise RuntimeError("injected prefill fault")
+        return real_forward(model, rows, ids)
+
+    def decode_step(model, cache, tokens, positions, *rest):  # noqa: ANN001, ANN002, ANN202
+        if where == "decode" and bool((positions == 39).any()):  # request 2's third decode step
+            raise RuntimeError("injected decode fault")
+        return real_decode(model, cache, tokens, positions, *rest)
+
+    monkeypatch.setattr(steps, "forward_rows", forward_rows)
+    monkeypatch.setattr(steps, "decode_step", decode_step)
+    engine = Engine(model, IdTokens(), max_batch=4)
+    params = [RequestParams(max_tokens=12, ignore_eos=True) for _ in prompts]
+    with caplog.at_level(logging.WARNING, logger="longcat.serve"):
+        tokens, reasons, outs = _serve(engine, prompts, params, arrive=[0, 0, 3, 4])
+    assert reasons[2] == "error" and "injected" in outs[2][-1].error
+    assert f"request 2: its {where}" in caplog.text
+    for i, expected in references.items():
+        assert tokens[i] == expected and reasons[i] == "length", i

@@ -57,6 +57,15 @@ def lm_logits(model: LongcatForCausalLM, normed: torch.Tensor) -> torch.Tensor:
     return torch.mm(head.weight, flat.T).T.reshape(*normed.shape[:-1], -1)
 
 
+def right_padded(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, list[int]]:
+    """Token lists -> ids [B, T] padded at the end with 0, and each row's true count."""
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+    return ids.to(device), [len(r) for r in rows]
+
+
 def forward_rows(model: LongcatForCausalLM, rows: Rows, ids: torch.Tensor) -> torch.Tensor:
     """ids [B, T] at the rows' positions -> normed hidden [B, T, H]; the cache's lengths are the caller's."""
     hidden, _ = model.model(ids, rows.positions, rows.mask, rows)

@@ -19,10 +19,10 @@ Slots: running requests at 0 .. R - 1, the prefill in flight at R .. R + g - 1. 
 decode step and the speculation round run as compiled graphs (inference/compiled.py) over rows padded
 to a bucket of 1, 2, 4, ... up to max_batch.
 
-Batch invariance: a row's result depends on the other rows only through floating-point rounding
-(matrix products of another shape may sum in another order; rows never attend to each other, and each
-row's random numbers are its own, sampling.py), so a request served among others gives the same tokens
-as alone except where two candidates tie to within rounding. tests/serving/test_engine.py measures it.
+Batch invariance: rows never attend to each other and each row's random numbers are its own
+(sampling.py), so a request gives the same tokens among others as alone except where two candidates
+tie to within the rounding of differently shaped products (tests/serving/test_engine.py).
+A failure ends only the requests it concerns (a prefill chunk's; a decode step is bisected).
 """
 
 from __future__ import annotations
@@ -129,15 +129,6 @@ def describe(logits: torch.Tensor, token: int, top: int | None) -> Choice:
         values, indices = logprobs.topk(min(top, logprobs.shape[-1]))
         best = list(zip(indices.tolist(), values.tolist()))
     return Choice(token, float(logprobs[token]), best)
-
-
-def right_padded(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, list[int]]:
-    """Token lists -> ids [B, T] padded at the end with 0, and each row's true count."""
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    for b, row in enumerate(rows):
-        ids[b, : len(row)] = torch.as_tensor(row, dtype=torch.long)
-    return ids.to(device), [len(r) for r in rows]
 
 
 class Engine:
@@ -287,8 +278,7 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
 
-    def bucket(self, rows: int) -> int:
-        """The padded batch a compiled step runs for `rows` rows: the next power of two, at most max_batch."""
+    def bucket(self, rows: int) -> int:  # a compiled step's padded batch: the next power of two, <= max_batch
         return min(1 << max(rows - 1, 0).bit_length(), self.max_batch)
 
     @torch.inference_mode()
@@ -300,7 +290,8 @@ class Engine:
             for sampled in (False, True):
                 params = [SamplingParams(do_sample=sampled)] * size
                 settings = RowSettings.of(params, [0] * size, self.model.config.vocab_size, self.model.device)
-                self._forward([], settings, size)
+                self._settings = ((), size), settings  # what _row_settings returns for no rows
+                self._forward(0, 0, size, self.compiled)
         return sizes
 
     # --- the engine thread ---
@@ -314,7 +305,8 @@ class Engine:
                     break
             try:
                 self.step()
-            except Exception:  # a failed forward ends the requests it served; the engine goes on
+            except Exception:  # outside the steps' own isolation: end what is in flight; the engine goes on
+                log.error("an engine step failed; ending the requests in flight", exc_info=True)
                 message = traceback.format_exc(limit=3)
                 for request in (*self.running, *self.prefilling):
                     self._end(request, "error", error=message)
@@ -338,7 +330,13 @@ class Engine:
         self._release()
         if not self.prefilling:
             self._admit()
-        first = self._prefill() if self.prefilling else None  # (tokens [g], logits [g, V]) when done
+        first = None  # (tokens [g], logits [g, V]) when the group's prompts are done
+        try:
+            first = self._prefill() if self.prefilling else None
+        except Exception:  # ends the requests of this chunk alone
+            for request in self.prefilling:
+                log.error("request %d: its prefill chunk failed; ending it", request.id, exc_info=True)
+                self._end(request, "error", error=traceback.format_exc(limit=3))
         decoded = self._decode() if self.running else None  # (tokens [R, n], accepted [R] | None, logits)
         parts = [t.flatten() for t in (first[0] if first else None, decoded[0] if decoded else None) if t is not None]
         values = torch.cat(parts).tolist() if parts else []  # the step's one host read
@@ -409,7 +407,7 @@ class Engine:
         group, first = self.prefilling, len(self.running)
         share = max(1, self.prefill_chunk // len(group))
         pieces = [r.prompt[r.done_prompt : r.done_prompt + share] for r in group]
-        ids, counts = right_padded(pieces, self.model.device)
+        ids, counts = steps.right_padded(pieces, self.model.device)
         normed = steps.forward_rows(self.model, self.cache.rows(first, len(group), ids.shape[1]), ids)  # [g, T, H]
         if self.mtp_cache is not None:
             self._prefill_mtp(group, first, normed, counts)
@@ -445,49 +443,73 @@ class Engine:
             pairs.append(request.prompt[start + 1 : min(end + 1, len(request.prompt))])
         if not any(pairs):
             return
-        next_ids, _ = right_padded([p or [0] for p in pairs], self.model.device)
+        next_ids, _ = steps.right_padded([p or [0] for p in pairs], self.model.device)
         rows = self.mtp_cache.rows(first, len(group), next_ids.shape[1])
         steps.mtp_rows(self.model, rows, next_ids, normed[:, : next_ids.shape[1]])
         self.mtp_cache.advance(first, [len(p) for p in pairs])
 
     def _decode(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        rows = self.running
-        size = self.bucket(len(rows)) if self.compiled is not None else len(rows)
-        out = self._forward(rows, self._row_settings(rows, size), size)
+        """One step for every running row -> (tokens [R, n], accepted [R] or None, logits [R, n, V]). A
+        failed step is retried eagerly on each half of its rows, down to single rows, and only rows that
+        fail alone end (a row's lengths advance only after its step succeeds, so a retry is safe): an
+        out-of-memory in a large batch degrades instead of ending every stream."""
+        R = len(self.running)
         self.decode_steps += 1
-        return out
+        try:
+            return self._forward(0, R, self.bucket(R) if self.compiled is not None else R, self.compiled)
+        except Exception:
+            log.warning("a decode step of %d rows failed; retrying each half", R, exc_info=True)
+        parts = self._bisect(0, R)
+        return tuple(None if p[0] is None else torch.cat(p) for p in zip(*parts))  # type: ignore[return-value]
 
-    def _forward(self, rows: list[Request], settings: RowSettings, size: int) -> tuple:
-        """The decode step or speculation round over running rows 0 .. R - 1, padded to `size` rows ->
-        (tokens [R, n], accepted [R] or None, the model's logits [R, n, V]); lengths advanced."""
-        R, device, k = len(rows), self.model.device, self.k
-        compiled = self.compiled
-        lengths = self.cache.lengths[:R] + [self.pad_length] * (size - R)
-        adjustment = None if self.penalties is None else self.penalties.rows(0, size)
+    def _bisect(self, first: int, count: int) -> list[tuple]:
+        try:
+            return [self._forward(first, count, count, None)]
+        except Exception:
+            if count > 1:
+                return self._bisect(first, count // 2) + self._bisect(first + count // 2, count - count // 2)
+        request = self.running[first]
+        log.error("request %d: its decode step fails alone; ending it", request.id, exc_info=True)
+        self._end(request, "error", error=traceback.format_exc(limit=3))
+        n, device = self.k + 1 if self.speculative else 1, self.model.device  # filler, delivered to no one
+        accepted = torch.zeros(1, dtype=torch.long, device=device) if self.speculative else None
+        return [(torch.zeros(1, n + self.speculative, dtype=torch.long, device=device), accepted,
+                 torch.zeros(1, n, self.model.config.vocab_size, device=device))]  # fmt: skip
+
+    def _forward(self, first: int, R: int, size: int, compiled) -> tuple:  # noqa: ANN001
+        """The decode step or speculation round over running rows first .. first + R - 1, padded to `size`
+        rows -> (tokens [R, n], accepted [R] or None, the model's logits [R, n, V]); lengths advanced."""
+        device, k = self.model.device, self.k
+        rows, span = self.running[first : first + R], slice(first, first + size)
+        settings = self._row_settings(rows, size)
+        view = lambda cache: tuple(t[:, first:] for t in cache.tensors)  # noqa: E731 - slots from `first`
+        lengths = self.cache.lengths[first : first + R] + [self.pad_length] * (size - R)
+        adjustment = None if self.penalties is None else self.penalties.rows(first, size)
         if not self.speculative:
             last = [r.output[-1] for r in rows] + [0] * (size - R)
             tokens = torch.tensor(last, device=device)[:, None]
             positions = torch.tensor(lengths, device=device)[:, None]
             width = self.cache.max_tokens if compiled else max(lengths) + 1
             step = compiled.decode if compiled else partial(steps.decode_step, self.model)
-            chosen, logits = step(self.cache.tensors, tokens, positions, width, settings, adjustment)
+            chosen, logits = step(view(self.cache), tokens, positions, width, settings, adjustment)
             chosen, logits = chosen[:R, None], logits[:R, None]
             if self.penalties is not None and R:
-                self.penalties.record(0, chosen)
-            self.cache.advance(0, [1] * R)
+                self.penalties.record(first, chosen)
+            self.cache.advance(first, [1] * R)
             return chosen, None, logits
-        mtp_lengths = self.mtp_cache.lengths[:R] + [self.pad_length] * (size - R)
+        mtp_lengths = self.mtp_cache.lengths[first : first + R] + [self.pad_length] * (size - R)
         widths = (self.cache.max_tokens,) * 2 if compiled else (max(lengths) + k + 1, max(mtp_lengths) + 2 * k)
-        pending = steps.Pending(*(t[:size] for t in self.pending))
+        pending = steps.Pending(*(t[span] for t in self.pending))
         step = compiled.round if compiled else partial(steps.speculation_round, self.model)
-        result = step(self.cache.tensors, self.mtp_cache.tensors, pending, torch.tensor(lengths, device=device),
+        result = step(view(self.cache), view(self.mtp_cache), pending, torch.tensor(lengths, device=device),
                       torch.tensor(mtp_lengths, device=device), widths, settings, adjustment, k)  # fmt: skip
         for mine, new in zip(self.pending, result.pending):
-            mine[:R] = new[:R]
+            mine[first : first + R] = new[:R]
         if self.penalties is not None and R:
             kept = torch.arange(k + 1, device=device) <= result.accepted[:R, None]
-            self.penalties.record(0, result.tokens[:R], kept)
-        return torch.cat((result.accepted[:R, None], result.tokens[:R]), dim=1), result.accepted, result.logits[:R]
+            self.penalties.record(first, result.tokens[:R], kept)
+        tokens = torch.cat((result.accepted[:R, None], result.tokens[:R]), dim=1)
+        return tokens, result.accepted[:R], result.logits[:R]
 
     def _deliver_decoded(self, values: list[int], decoded: tuple) -> None:
         """Hand each running row its new tokens from the step's host copy `values`."""
