@@ -123,7 +123,8 @@ def test_decode_thresholds_are_per_device_type() -> None:
     assert experts._small_path(64, 4, xpu, compiled_decode=False) == "static: all experts"
     assert experts._small_path(64, 4, cpu, compiled_decode=False) is None
     assert experts._small_path(64, 4, cpu, compiled_decode=True) == "static: gathered weights"
-    assert experts._small_path(300, 4, cuda, compiled_decode=True) is None  # the sorted static dispatch
+    assert experts._small_path(300, 4, cuda, compiled_decode=False) is None  # the sorted dispatch
+    assert experts._small_path(300, 4, cuda, compiled_decode=True) == "static: gathered weights"  # graph-safe
     assert experts._small_path(1, 4, cpu, compiled_decode=False) == "static: gathered weights"  # 3 T K < N
     assert experts._small_path(1, 4, cuda, compiled_decode=False) == "static: gathered weights"
 

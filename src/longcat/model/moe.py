@@ -302,8 +302,7 @@ class Experts(nn.Module):
         slots = tokens * top_k
         if tokens <= tuning.for_device(tuning.ALL_EXPERTS_TOKENS, device) and 3 * slots >= self.num_experts:
             return "static: all experts"
-        gathers = compiled_decode and tuning.for_device(tuning.COMPILED_DECODE_GATHERS, device)
-        if slots <= tuning.for_device(tuning.GATHER_SLOTS, device) or gathers:
+        if slots <= tuning.for_device(tuning.GATHER_SLOTS, device) or compiled_decode:  # the sorted one breaks graphs
             return "static: gathered weights"
         return None
 

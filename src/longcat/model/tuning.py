@@ -21,17 +21,17 @@ MoE dispatch (model/moe.py), for a call with T tokens, K slots per token and N F
   every decode bucket (64 rows x (k + 1) tokens with k <= 3).
 - Otherwise T * K <= GATHER_SLOTS: each slot's expert weights gathered, static shapes, no sort and no
   host sync (64 on the CPU; 16 on CUDA, where copying weight sets is rarely cheaper than sorting).
-  Under torch.compile in inference (compiled decoding) the CPU always gathers here
-  (COMPILED_DECODE_GATHERS), as measured; CUDA takes the sorted dispatch with static shapes instead.
-  Above it, the sorted grouped dispatch (or the fused CPU kernel), whose sort and per-expert GEMMs
-  cost a fixed overhead that only pays off on many slots.
+  Under torch.compile in inference (compiled decoding) every device gathers here whatever T * K: the
+  sorted dispatch has data-dependent shapes that break a whole-graph capture. Above it, the sorted
+  grouped dispatch (or the fused CPU kernel), whose sort and per-expert GEMMs cost a fixed overhead
+  that only pays off on many slots.
 
 Fused CPU kernel (model/cpu_kernels.py):
 - FUSED_BUFFER_LIMIT bytes: each thread past the first adds into its own [T, H] output buffer and
   each thread has a scratch of a few rows per token; above this the grouped path runs instead, so a
   long prefill does not allocate gigabytes of per-thread buffers.
 
-Decoding on the CPU (inference/generate.py):
+Decoding on the CPU (inference/steps.py, inference/compiled.py):
 - A step of TRANSPOSED_HEAD_ROWS = (low, high) rows (a speculative verify) computes its LM head as
   W @ x^T instead of x @ W^T: MKL's small-M GEMM is faster in that orientation for a wide head.
 - Decode steps of at most FEW_ROWS tokens (a plain step, or a speculative verify of up to
@@ -47,7 +47,6 @@ import torch
 ACCELERATOR_PATH: bool | None = None
 GATHER_SLOTS = {"cpu": 64, "cuda": 16}
 ALL_EXPERTS_TOKENS = {"cpu": 8, "cuda": 256}
-COMPILED_DECODE_GATHERS = {"cpu": True, "cuda": False}
 FUSED_BUFFER_LIMIT = 256 << 20
 FEW_ROWS = 4
 TRANSPOSED_HEAD_ROWS = (2, 8)
