@@ -377,3 +377,19 @@ def test_few_row_logits_equal_the_lm_head() -> None:
         for rows in range(1, 10):
             normed = torch.randn(1, rows, model.config.hidden_size)
             torch.testing.assert_close(lm_logits(model, normed), model.lm_head(normed), rtol=1e-5, atol=1e-5)
+
+
+def test_a_decoding_failure_reaches_the_caller(monkeypatch) -> None:
+    """The engine ends a request whose step fails alone; generate raises that to its caller (with the
+    cause) instead of returning a short output, and leaves the model's mode as it found it."""
+    from longcat.inference import steps
+
+    model = _model(2).train()
+
+    def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("injected decode fault")
+
+    monkeypatch.setattr(steps, "decode_step", broken)
+    with pytest.raises(GenerationError, match="injected decode fault"):
+        model.generate([[1, 2, 3]], max_new_tokens=4, eos_token_id=[])
+    assert model.training

@@ -104,10 +104,11 @@ class TokenStream:
             [] if self.ended[0] else [engine.submit(r, p, sink(b)) for b, (r, p) in enumerate(zip(rows, params))]
         )
         self.input_ids = self.attention_mask = None
+        self.error: str | None = None
 
     def _receive(self, row: int, out) -> None:  # noqa: ANN001 - serving.engine.Output
-        if out.finish_reason == "error":
-            raise GenerationError(f"decoding failed: {out.error}")
+        if out.finish_reason == "error":  # raised to the caller by __next__, not into the engine
+            self.error = out.error
         self.buffers[row].extend(out.token_ids)
         self.stats.new_tokens += len(out.token_ids)
         self.ended[row] |= out.finish_reason is not None
@@ -127,6 +128,9 @@ class TokenStream:
                 break
             self.model.eval()
             self.engine.step()
+            if self.error is not None:
+                self.close()
+                raise GenerationError(f"decoding failed: {self.error}")
             stats = self.stats
             stats.main_forwards = self.engine.decode_steps
             stats.drafted, stats.accepted = (sum(getattr(r, n) for r in self.requests) for n in ("drafted", "accepted"))

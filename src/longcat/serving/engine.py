@@ -465,12 +465,13 @@ class Engine:
     def _bisect(self, first: int, count: int) -> list[tuple]:
         try:
             return [self._forward(first, count, count, None)]
-        except Exception:
+        except Exception as err:
             if count > 1:
                 return self._bisect(first, count // 2) + self._bisect(first + count // 2, count - count // 2)
+            failure = err
         request = self.running[first]
-        log.error("request %d: its decode step fails alone; ending it", request.id, exc_info=True)
-        self._end(request, "error", error=traceback.format_exc(limit=3))
+        log.error("request %d: its decode step fails alone; ending it", request.id, exc_info=failure)
+        self._end(request, "error", error="".join(traceback.format_exception(failure, limit=3)))
         n, device = self.k + 1 if self.speculative else 1, self.model.device  # filler, delivered to no one
         accepted = torch.zeros(1, dtype=torch.long, device=device) if self.speculative else None
         return [(torch.zeros(1, n + self.speculative, dtype=torch.long, device=device), accepted,
